@@ -1,0 +1,113 @@
+"""Which implementation of the step runs: discovery, the saved import errors, the picker.
+
+A backend chosen by ``"auto"`` that fails to import is passed over quietly; one asked for
+by name raises ``BackendUnavailableError`` carrying the reason (the import or build error).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+BACKENDS = ("torch", "triton", "cpp")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend asked for by name cannot run here; the message says why."""
+
+
+def _load_triton() -> Callable:
+    from .triton_kernels import triton_alig  # noqa: WPS433 (imports triton)
+
+    return triton_alig
+
+
+def _load_cpp() -> Callable:
+    from .cpp_ops import cpp_alig  # noqa: WPS433 (loads the compiled extension)
+
+    return cpp_alig
+
+
+def _load_torch() -> Callable:
+    from .functional import torch_alig
+
+    return torch_alig
+
+
+_LOADERS = {"torch": _load_torch, "triton": _load_triton, "cpp": _load_cpp}
+_loaded: dict[str, Callable] = {}
+_errors: dict[str, str] = {}
+
+
+def load(name: str) -> Callable | None:
+    """The step function of backend ``name``, or None (the reason is kept for ``why``)."""
+    if name in _loaded:
+        return _loaded[name]
+    if name in _errors:
+        return None
+    try:
+        _loaded[name] = _LOADERS[name]()
+    except Exception as exc:  # ImportError, OSError from a bad .so, a failed build ...
+        _errors[name] = f"{type(exc).__name__}: {exc}"
+        return None
+    return _loaded[name]
+
+
+def why_unavailable(name: str) -> str:
+    return _errors.get(name, "")
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def supports(name: str, device: torch.device) -> tuple[bool, str]:
+    """Can backend ``name`` run on ``device``? (ok, reason when not)."""
+    if name == "torch":
+        return True, ""
+    if load(name) is None:
+        return False, f"backend {name!r} failed to load: {why_unavailable(name)}"
+    if name == "triton":
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+            return True, ""
+        return False, (
+            f"backend 'triton' runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1), "
+            f"not on {device.type}"
+        )
+    if name == "cpp":
+        from .cpp_ops import has_device
+
+        if has_device(device.type):
+            return True, ""
+        return False, f"the compiled extension has no {device.type} kernels (built without it)"
+    return False, f"unknown backend {name!r}"
+
+
+def pick(requested: str, device: torch.device) -> str:
+    """Resolve ``"auto"`` (or check a named backend) for parameters on ``device``."""
+    if requested != "auto":
+        ok, reason = supports(requested, device)
+        if not ok:
+            raise BackendUnavailableError(reason)
+        return requested
+    # GPU: Triton first, then the CUDA extension; CPU: the C++ extension. torch always works.
+    order = ("triton", "cpp") if device.type == "cuda" else ("cpp",)
+    for name in order:
+        if supports(name, device)[0]:
+            return name
+    return "torch"
+
+
+def get(name: str) -> Callable:
+    fn = load(name)
+    if fn is None:
+        raise BackendUnavailableError(f"backend {name!r} failed to load: {why_unavailable(name)}")
+    return fn
+
+
+def available_backends(device: torch.device | str = "cpu") -> dict[str, str]:
+    """{backend: "ok" or the reason it cannot run on ``device``} (for humans and docs)."""
+    device = torch.device(device)
+    return {name: (lambda ok_reason: "ok" if ok_reason[0] else ok_reason[1])(supports(name, device)) for name in BACKENDS}

@@ -1,0 +1,269 @@
+"""The ALI-G step: one math definition, several implementations with one signature.
+
+Every backend performs the plan of DESIGN.md:
+
+    pass 1   per-group sums  (||g||^2 always; ||w||^2, ||b||^2, <w,b>, <w,g>, <b,g> for
+             groups with a max_norm), gradients unscaled by ``inv_scale``
+    finalize G = sum of every group's ||g||^2; per group the step size gamma and the
+             coefficients of  w' = (w + a*b - c*g) * scale,  b' = mu*b - d*g
+    pass 2   one read-modify-write of parameters and buffers
+
+``finalize`` below is the specification of the between-passes arithmetic; the Triton
+kernel and the C++/CUDA code restate it (``csrc/alig_math.h``) and the tests hold all of
+them to a plain per-parameter loop.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "HParam",
+    "Sum",
+    "Coef",
+    "GroupHParams",
+    "finalize",
+    "torch_alig",
+]
+
+
+class HParam:
+    """Columns of the per-group hyper-parameter table (float64, shape [n_groups, 7])."""
+
+    LR = 0  # ALI-G's max_lr; +inf = no cap
+    MOMENTUM = 1
+    ADJUSTED = 2  # 1.0 for adjusted momentum, 0.0 for standard
+    MAX_NORM = 3  # +inf = no projection
+    EPS = 4
+    F_STAR = 5
+    SCALING = 6  # c in gamma = (loss - f_star) / (c * G + eps)
+    COUNT = 7
+
+
+class Sum:
+    """Columns of the pass-1 sums (float64, shape [n_groups, 6]), gradients unscaled."""
+
+    GG = 0  # ||g||^2 of the group; G is their total
+    WW = 1  # the rest only for groups with a max_norm
+    BB = 2
+    WB = 3
+    WG = 4
+    BG = 5
+    COUNT = 6
+
+
+class Coef:
+    """Columns of the pass-2 coefficients (float32, shape [n_groups, 5])."""
+
+    A = 0  # w' = (w + A*b - C*g) * SCALE
+    C = 1
+    D = 2  # b' = MU*b - D*g
+    MU = 3
+    SCALE = 4
+    COUNT = 5
+
+
+class GroupHParams(NamedTuple):
+    lr: float
+    momentum: float
+    adjusted: bool
+    max_norm: float
+    eps: float
+    f_star: float
+    scaling: float
+
+
+def finalize(
+    sums: Tensor,
+    loss: Tensor,
+    hparams: Tensor,
+    inv_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Step sizes, pass-2 coefficients and the skip flag, all on device, no host sync.
+
+    sums: [n_groups, 6] float64 (see ``Sum``), loss: 0-dim, hparams: [n_groups, 7] float64.
+    Returns (step_size [n] float64, coefs [n, 5] float64, skip 0-dim bool).
+    On a skipped step the coefficients are the identity (a = c = d = 0, mu = scale = 1)
+    and the step size is 0; kernels also test ``skip`` and write nothing.
+    """
+    sums = sums.to(torch.float64)
+    loss = loss.to(torch.float64)
+    lr, momentum, adjusted = hparams[:, HParam.LR], hparams[:, HParam.MOMENTUM], hparams[:, HParam.ADJUSTED]
+    max_norm, eps = hparams[:, HParam.MAX_NORM], hparams[:, HParam.EPS]
+    f_star, scaling = hparams[:, HParam.F_STAR], hparams[:, HParam.SCALING]
+
+    grad_sq_norm = sums[:, Sum.GG].sum()
+    skip = ~(torch.isfinite(loss) & torch.isfinite(grad_sq_norm))
+    if found_inf is not None:
+        skip = skip | (found_inf.reshape(()) > 0)
+
+    # gamma = min(lr, max(loss - f_star, 0) / (c * G + eps)); lr = inf means no cap.
+    polyak_step = (loss - f_star).clamp(min=0) / (scaling * grad_sq_norm + eps)
+    step_size = torch.minimum(polyak_step, lr)
+
+    # standard (reference order: w -= g*gamma; b = mu*b - gamma*g; w += mu*b):
+    #   a = mu^2, c = gamma (1 + mu), d = gamma
+    # adjusted (w -= gamma*g; b = mu*b - g; w += gamma*mu*b):
+    #   a = gamma mu^2, c = gamma (1 + mu), d = 1
+    a = torch.where(adjusted > 0, step_size * momentum * momentum, momentum * momentum)
+    c = step_size * (1 + momentum)
+    d = torch.where(adjusted > 0, torch.ones_like(step_size), step_size)
+    d = torch.where(momentum > 0, d, torch.zeros_like(d))
+
+    # ||w + a b - c g||^2 from the pass-1 sums; a group without max_norm keeps scale 1.
+    new_norm_sq = (
+        sums[:, Sum.WW]
+        + a * a * sums[:, Sum.BB]
+        + c * c * sums[:, Sum.GG]
+        + 2 * a * sums[:, Sum.WB]
+        - 2 * c * sums[:, Sum.WG]
+        - 2 * a * c * sums[:, Sum.BG]
+    ).clamp(min=0)
+    scale = projection_scale(new_norm_sq, max_norm)
+
+    coefs = torch.stack([a, c, d, momentum.clone(), scale], dim=1)
+    identity = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0], dtype=torch.float64, device=coefs.device)
+    coefs = torch.where(skip, identity, coefs)
+    step_size = torch.where(skip, torch.zeros_like(step_size), step_size)
+    return step_size, coefs, skip
+
+
+def projection_scale(norm_sq: Tensor, max_norm: Tensor) -> Tensor:
+    """min(1, R / ||w'||): the factor that puts the group back on the ball of radius R."""
+    norm = norm_sq.sqrt()
+    return torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm))
+
+
+# ---------------------------------------------------------------------------------------
+# The pure-torch path: foreach ops, grouped by dtype, no host sync.
+# ---------------------------------------------------------------------------------------
+
+
+def torch_alig(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    group_index: list[int],
+    group_hparams: list[GroupHParams],
+    loss: Tensor,
+    step_size_out: Tensor,
+    skipped_steps: Tensor,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    cache: dict | None = None,
+) -> None:
+    """One ALI-G step with foreach ops (the signature every backend shares).
+
+    params/grads/momentum_buffers are flat lists over all groups; ``group_index[i]`` is the
+    group of tensor i; a tensor of a group without momentum has an empty buffer.
+    ``group_hparams`` holds each group's hyper-parameters as host numbers (branching on
+    them is static, not data-dependent); ``loss`` is a 0-dim tensor on the parameters'
+    device; ``cache`` is a dict the caller keeps between steps for the backend. Writes the
+    step size of each group into ``step_size_out`` and adds 1 to ``skipped_steps`` when
+    the step is skipped (non-finite loss or gradient, or ``found_inf``).
+
+    This path projects by measuring ||w'|| after the update (it has no fused dot
+    products); that is the definition the analytic formula of the kernels reproduces.
+    """
+    n_groups = len(group_hparams)
+    device = loss.device
+    hparams = hparams_table(group_hparams, device, cache)
+    inv_scale = None if grad_scale is None else grad_scale.to(torch.float64).reciprocal()
+
+    # Unscaled fp32 gradients. A non-finite gradient must not reach the update even when
+    # its coefficient is 0 (0 * inf = nan), and foreach has no select, so on a skipped
+    # step the gradients' bits are zeroed through an integer view.
+    grads32 = _as_float32(grads)
+    if inv_scale is not None:
+        grads32 = torch._foreach_mul(grads32, inv_scale.to(torch.float32))
+
+    sums = torch.zeros(n_groups, Sum.COUNT, dtype=torch.float64, device=device)
+    by_group = _split_by_group(group_index, n_groups)
+    for k, idx in enumerate(by_group):
+        if idx:
+            norms = torch._foreach_norm([grads32[i] for i in idx], 2)
+            sums[k, Sum.GG] = torch.stack(norms).to(torch.float64).square().sum()
+
+    # The torch path measures the projection after the update: finalize sees WW = BB = ... = 0
+    # and returns scale 1; the real scale is computed below.
+    step_size, coefs, skip = finalize(sums, loss, hparams, None, found_inf)
+    step_size_out.copy_(step_size)
+    skipped_steps.add_(skip.to(skipped_steps.dtype))
+
+    keep_bits = (~skip).to(torch.int32)
+    for k, idx in enumerate(by_group):
+        if not idx:
+            continue
+        coef = coefs[k].to(torch.float32)
+        a, c, d, mu = coef[Coef.A], coef[Coef.C], coef[Coef.D], coef[Coef.MU]
+        w = [params[i] for i in idx]
+        w32 = _as_float32(w)
+        g32 = _zero_unless(keep_bits, [grads32[i] for i in idx])
+
+        # w' = w + a*b - c*g  (with the old buffer), then b' = mu*b - d*g
+        torch._foreach_sub_(w32, torch._foreach_mul(g32, c))
+        if group_hparams[k].momentum > 0:
+            b = [momentum_buffers[i] for i in idx]
+            b32 = _as_float32(b)
+            torch._foreach_add_(w32, torch._foreach_mul(b32, a))
+            torch._foreach_mul_(b32, mu)
+            torch._foreach_sub_(b32, torch._foreach_mul(g32, d))
+            _copy_back(b, b32)
+
+        if math.isfinite(group_hparams[k].max_norm):
+            max_norm = hparams[k, HParam.MAX_NORM]
+            norms = torch._foreach_norm(w32, 2)
+            norm_sq = torch.stack(norms).to(torch.float64).square().sum()
+            # On a skipped step w32 == w and must stay so: force the scale to 1.
+            scale = torch.where(skip, torch.ones_like(norm_sq), projection_scale(norm_sq, max_norm))
+            torch._foreach_mul_(w32, scale.to(torch.float32))
+        _copy_back(w, w32)
+
+
+def hparams_table(group_hparams: list[GroupHParams], device: torch.device, cache: dict | None) -> Tensor:
+    """The [n_groups, 7] float64 device table of ``group_hparams``, rebuilt only on change.
+
+    The host-to-device copy goes through pinned memory with non_blocking=True, which is no
+    host sync (a scheduler changing lr every step costs one small async copy).
+    """
+    key = ("hparams", tuple(group_hparams), str(device))
+    if cache is not None and cache.get("hparams_key") == key:
+        return cache["hparams"]
+    host = torch.tensor([list(map(float, h)) for h in group_hparams], dtype=torch.float64)
+    if device.type == "cuda":
+        table = host.pin_memory().to(device, non_blocking=True)
+    else:
+        table = host.to(device)
+    if cache is not None:
+        cache["hparams_key"], cache["hparams"] = key, table
+    return table
+
+
+def _split_by_group(group_index: list[int], n_groups: int) -> list[list[int]]:
+    by_group: list[list[int]] = [[] for _ in range(n_groups)]
+    for i, k in enumerate(group_index):
+        by_group[k].append(i)
+    return by_group
+
+
+def _as_float32(tensors: list[Tensor]) -> list[Tensor]:
+    # fp32 tensors are used in place; fp16/bf16 ones get an fp32 working copy
+    # (math in fp32 whatever the storage dtype).
+    return [t if t.dtype == torch.float32 else t.float() for t in tensors]
+
+
+def _copy_back(dst: list[Tensor], src32: list[Tensor]) -> None:
+    pairs = [(d, s) for d, s in zip(dst, src32) if d is not s]
+    if pairs:
+        torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+
+
+def _zero_unless(keep_bits: Tensor, tensors: list[Tensor]) -> list[Tensor]:
+    """tensors unchanged when keep_bits == 1, all-zero bits (finite 0.0) when 0."""
+    views = [t.view(torch.int32) for t in tensors]
+    return [v.view(torch.float32) for v in torch._foreach_mul(views, keep_bits)]

@@ -1,0 +1,320 @@
+"""FusedALIG: the ALI-G optimizer with a fused multi-tensor step and no host sync."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import backends
+from .functional import GroupHParams
+
+__all__ = ["FusedALIG"]
+
+_UNSET: Any = object()
+
+
+class FusedALIG(Optimizer):
+    r"""ALI-G (Berrada, Zisserman & Kumar, ICML 2020) with a fused multi-tensor step.
+
+    .. math::
+        \gamma = \min\Big(\text{lr},\ \frac{\max(\ell - f_\star, 0)}{c\,\lVert g\rVert^2 + \epsilon}\Big),
+        \qquad \lVert g\rVert^2 = \textstyle\sum_{\text{all params}} \lVert g_i\rVert^2
+
+    then the Nesterov-style momentum update of the reference implementation (standard, or
+    "adjusted" when ``adjusted_momentum=True``) and, when ``max_norm`` is set, the
+    projection of each group's parameters, jointly, onto the l2 ball of radius ``max_norm``.
+
+    Args:
+        params: parameters or param groups; every hyper-parameter may differ per group.
+        lr: ALI-G's maximal learning rate ``max_lr`` (``None`` = no cap). Named ``lr`` so
+            learning-rate schedulers work; ``max_lr=`` is an alias.
+        momentum: Nesterov momentum factor in [0, 1).
+        adjusted_momentum: the reference's "adjusted" (PyTorch-like) momentum.
+        max_norm: radius of the l2 ball the group is projected onto (``None`` = none).
+        eps: added to the squared gradient norm (> 0).
+        f_star: a lower bound of the loss (the Polyak step's optimal value), default 0.
+        scaling: factor c on the squared gradient norm (the Polyak/SPS variants), default 1.
+        backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``.
+        projection_fn: a callable run after every step (and once at construction), as in
+            the reference; ``max_norm`` is the fused, sync-free way to project.
+
+    ``step(closure=None, *, loss=None)`` takes the loss as ``loss=`` (a number or a 0-dim
+    tensor, preferably on the parameters' device) or from ``closure()``. The step size
+    stays on the device: ``group["step_size"]`` (a 0-dim tensor per group) and
+    ``skipped_steps`` (steps skipped for a non-finite loss or gradient) can be logged
+    without forcing a sync. Parameters whose ``grad`` is None are left alone.
+    """
+
+    # GradScaler hands us grad_scale / found_inf and we unscale inside the step.
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | None = _UNSET,
+        momentum: float = 0.0,
+        adjusted_momentum: bool = False,
+        max_norm: float | None = None,
+        eps: float = 1e-5,
+        f_star: float = 0.0,
+        scaling: float = 1.0,
+        backend: str = "auto",
+        projection_fn: Callable[[], Any] | None = None,
+        *,
+        max_lr: float | None = _UNSET,
+    ):
+        if lr is not _UNSET and max_lr is not _UNSET:
+            raise ValueError("give the maximal learning rate as lr= or as max_lr=, not both")
+        lr = max_lr if lr is _UNSET else lr
+        lr = None if lr is _UNSET else lr
+        if backend != "auto" and backend not in backends.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from 'auto', {', '.join(map(repr, backends.BACKENDS))}")
+        if projection_fn is not None and not callable(projection_fn):
+            raise TypeError(f"projection_fn must be callable, got {type(projection_fn).__name__}")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            adjusted_momentum=adjusted_momentum,
+            max_norm=max_norm,
+            eps=eps,
+            f_star=f_star,
+            scaling=scaling,
+        )
+        _check_hparams(defaults, where="defaults")
+        self.backend = backend
+        self.projection_fn = projection_fn
+        super().__init__(params, defaults)
+
+        device = _common_device(p for g in self.param_groups for p in g["params"])
+        if backend != "auto" and device is not None:
+            backends.pick(backend, device)  # a named backend that cannot run fails now
+        self._cache: dict = {}
+        self._step_sizes: Tensor | None = None
+        self._skipped_steps: Tensor | None = None
+        self._project_at_start()
+        if projection_fn is not None:
+            projection_fn()
+
+    # -- groups and state --------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            if torch.is_complex(p):
+                raise TypeError("FusedALIG does not support complex parameters (view them as real with torch.view_as_real)")
+            if not p.is_floating_point():
+                raise TypeError(f"FusedALIG needs floating-point parameters, got {p.dtype}")
+        _check_hparams(group, where=f"param group {len(self.param_groups) - 1}")
+        group.setdefault("step_size", None)
+
+    @property
+    def skipped_steps(self) -> Tensor:
+        """Number of steps skipped for a non-finite loss/gradient or AMP overflow (device tensor)."""
+        if self._skipped_steps is None:
+            device = _common_device(p for g in self.param_groups for p in g["params"]) or torch.device("cpu")
+            self._skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+        return self._skipped_steps
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["skipped_steps"] = self.skipped_steps.clone()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        skipped = state_dict.pop("skipped_steps", None)
+        groups = []
+        for group in state_dict["param_groups"]:
+            group = dict(group)
+            if "lr" not in group and "max_lr" in group:  # a state_dict of the reference AliG
+                group["lr"] = group.pop("max_lr")
+            groups.append(group)
+        state_dict["param_groups"] = groups
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            _check_hparams(group, where="loaded param group")
+        self._step_sizes = None
+        if skipped is not None:
+            self._skipped_steps = None
+            self.skipped_steps.copy_(skipped)
+
+    # -- the step ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
+        """One ALI-G step. The loss comes from ``loss=`` or from ``closure()``."""
+        if closure is not None and loss is not None:
+            raise ValueError("give the loss either as loss= or through closure, not both")
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if loss is None:
+            raise ValueError(
+                "FusedALIG needs the current loss to compute its step size: "
+                "call optimizer.step(loss=loss) or optimizer.step(lambda: loss)"
+            )
+
+        params, grads, buffers, group_index = [], [], [], []
+        group_hparams = []
+        for k, group in enumerate(self.param_groups):
+            _check_hparams(group, where=f"param group {k}")
+            group_hparams.append(_group_hparams(group))
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("FusedALIG does not support sparse gradients")
+                params.append(p)
+                grads.append(p.grad)
+                group_index.append(k)
+
+        device = _common_device(params + grads)
+        if device is None:  # no gradient anywhere: nothing to do
+            return loss
+        backend = backends.pick(self.backend, device)
+        loss_t = _loss_tensor(loss, device)
+
+        for p, k in zip(params, group_index):
+            if group_hparams[k].momentum > 0:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                buffers.append(state["momentum_buffer"])
+            else:
+                buffers.append(self._no_buffer(p))
+
+        step_sizes = self._step_size_tensor(device)
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        backends.get(backend)(
+            params,
+            grads,
+            buffers,
+            group_index,
+            group_hparams,
+            loss_t,
+            step_sizes,
+            self.skipped_steps,
+            grad_scale,
+            found_inf,
+            self._cache.setdefault(backend, {}),
+        )
+        self.last_backend = backend
+        if self.projection_fn is not None:
+            self.projection_fn()
+        return loss
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _step_size_tensor(self, device: torch.device) -> Tensor:
+        n = len(self.param_groups)
+        if self._step_sizes is None or self._step_sizes.shape[0] != n or self._step_sizes.device != device:
+            self._step_sizes = torch.zeros(n, dtype=torch.float32, device=device)
+            for k, group in enumerate(self.param_groups):
+                group["step_size"] = self._step_sizes[k]
+        if self.skipped_steps.device != device:
+            self._skipped_steps = self._skipped_steps.to(device)
+        return self._step_sizes
+
+    def _no_buffer(self, p: Tensor) -> Tensor:
+        key = ("no_buffer", p.device, p.dtype)
+        if key not in self._cache:
+            self._cache[key] = torch.empty(0, dtype=p.dtype, device=p.device)
+        return self._cache[key]
+
+    @torch.no_grad()
+    def _project_at_start(self) -> None:
+        # The reference projects once at construction (AliG calls projection_fn in
+        # __init__), so training starts inside the ball.
+        for group in self.param_groups:
+            if group["max_norm"] is None or not group["params"]:
+                continue
+            norm = torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in group["params"]]))
+            scale = torch.clamp(group["max_norm"] / norm, max=1.0)
+            for p in group["params"]:
+                p.mul_(scale.to(p.dtype))
+
+
+def _group_hparams(group: dict) -> GroupHParams:
+    lr, max_norm = group["lr"], group["max_norm"]
+    return GroupHParams(
+        lr=math.inf if lr is None else float(lr),
+        momentum=float(group["momentum"]),
+        adjusted=bool(group["adjusted_momentum"]),
+        max_norm=math.inf if max_norm is None else float(max_norm),
+        eps=float(group["eps"]),
+        f_star=float(group["f_star"]),
+        scaling=float(group["scaling"]),
+    )
+
+
+def _number(value: Any, name: str, where: str) -> float:
+    if isinstance(value, Tensor):
+        raise TypeError(f"{where}: {name} must be a Python number, got a tensor")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where}: {name} must be a number, got {type(value).__name__}")
+    if math.isnan(value):
+        raise ValueError(f"{where}: {name} is nan")
+    return float(value)
+
+
+def _check_hparams(group: dict, where: str) -> None:
+    """Reject bad hyper-parameters with a message naming the value and the group."""
+    lr = group.get("lr")
+    if lr is not None and _number(lr, "lr", where) < 0:
+        raise ValueError(f"{where}: invalid lr (max_lr) {lr}: must be >= 0, or None for no cap")
+    momentum = _number(group.get("momentum", 0.0), "momentum", where)
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"{where}: invalid momentum {momentum}: must be in [0, 1)")
+    max_norm = group.get("max_norm")
+    if max_norm is not None and not _number(max_norm, "max_norm", where) > 0:
+        raise ValueError(f"{where}: invalid max_norm {max_norm}: must be > 0, or None for no projection")
+    eps = _number(group.get("eps", 1e-5), "eps", where)
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"{where}: invalid eps {eps}: must be > 0 (it keeps the step finite when the gradient vanishes)")
+    f_star = _number(group.get("f_star", 0.0), "f_star", where)
+    if not math.isfinite(f_star):
+        raise ValueError(f"{where}: invalid f_star {f_star}: must be finite")
+    scaling = _number(group.get("scaling", 1.0), "scaling", where)
+    if not (scaling > 0 and math.isfinite(scaling)):
+        raise ValueError(f"{where}: invalid scaling {scaling}: must be > 0")
+    if not isinstance(group.get("adjusted_momentum", False), bool):
+        raise TypeError(f"{where}: adjusted_momentum must be a bool")
+
+
+def _common_device(tensors: Iterable[Tensor]) -> torch.device | None:
+    device = None
+    for t in tensors:
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            raise RuntimeError(
+                f"FusedALIG needs all parameters and gradients on one device; found {device} and {t.device} "
+                "(use one optimizer per device)"
+            )
+    return device
+
+
+def _loss_tensor(loss: Any, device: torch.device) -> Tensor:
+    """The loss as a 0-dim float64 tensor on ``device``, without a device sync."""
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"the loss must be a scalar, got a tensor of shape {tuple(loss.shape)}")
+        if loss.is_complex():
+            raise TypeError("the loss must be real, got a complex tensor")
+        loss = loss.detach().reshape(())
+        if loss.device == device:
+            return loss.to(torch.float64)
+        if loss.device.type == "cpu":  # host memory: reading it syncs nothing
+            return torch.full((), loss.item(), dtype=torch.float64, device=device)
+        return loss.to(device=device, dtype=torch.float64)
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+        raise TypeError(f"the loss must be a number or a 0-dim tensor, got {type(loss).__name__}")
+    return torch.full((), float(loss), dtype=torch.float64, device=device)
