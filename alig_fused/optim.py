@@ -89,7 +89,7 @@ class FusedALIG(Optimizer):
         self.projection_fn = projection_fn
         super().__init__(params, defaults)
 
-        device = _common_device(p for g in self.param_groups for p in g["params"])
+        device = _common_device(p for g in self.param_groups for p in g["params"])  # mixed: an error now
         if backend != "auto" and device is not None:
             backends.pick(backend, device)  # a named backend that cannot run fails now
         self._cache: dict = {}

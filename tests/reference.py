@@ -70,6 +70,7 @@ class ReferenceALIG:
             self._project(g, stepped)
 
     @staticmethod
+    @torch.no_grad()
     def _project(g, params):
         if g["max_norm"] is None or not params:
             return
