@@ -252,9 +252,9 @@ def _split_by_group(group_index: list[int], n_groups: int) -> list[list[int]]:
 
 
 def _as_float32(tensors: list[Tensor]) -> list[Tensor]:
-    # fp32 tensors are used in place; fp16/bf16 ones get an fp32 working copy
-    # (math in fp32 whatever the storage dtype).
-    return [t if t.dtype == torch.float32 else t.float() for t in tensors]
+    # fp32 (and fp64) tensors are used in place; fp16/bf16 ones get an fp32 working copy
+    # (math in at least fp32 whatever the storage dtype).
+    return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
 
 
 def _copy_back(dst: list[Tensor], src32: list[Tensor]) -> None:
@@ -265,5 +265,8 @@ def _copy_back(dst: list[Tensor], src32: list[Tensor]) -> None:
 
 def _zero_unless(keep_bits: Tensor, tensors: list[Tensor]) -> list[Tensor]:
     """tensors unchanged when keep_bits == 1, all-zero bits (finite 0.0) when 0."""
-    views = [t.view(torch.int32) for t in tensors]
-    return [v.view(torch.float32) for v in torch._foreach_mul(views, keep_bits)]
+    views = [t.view(_SAME_SIZE_INT[t.dtype]) for t in tensors]
+    return [v.view(t.dtype) for v, t in zip(torch._foreach_mul(views, keep_bits), tensors)]
+
+
+_SAME_SIZE_INT = {torch.float32: torch.int32, torch.float64: torch.int64}

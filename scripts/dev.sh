@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One entry point for a fresh clone:
+#   bash scripts/dev.sh demo    set everything up in .venv, then run the training demo
+#   bash scripts/dev.sh test    set everything up in .venv, then run every check CI runs
+#   bash scripts/dev.sh bench   set everything up in .venv, then write the benchmark report
+#   bash scripts/dev.sh setup   only set up .venv
+# Extra arguments go to the demo / pytest / bench runner.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+TORCH_SPEC=${ALIG_TORCH_SPEC:-torch==2.13.0}     # the small CPU wheel
+TRITON_SPEC=${ALIG_TRITON_SPEC:-triton==3.6.0}   # what the GPU machines run; its interpreter runs on CPU
+
+log() { printf '\n== %s\n' "$*"; }
+
+setup() {
+    local t0=$SECONDS
+    if [ ! -x "$VENV/bin/python" ]; then
+        log "creating $VENV"
+        "$PYTHON" -m venv "$VENV"
+    fi
+    log "installing torch, triton and the tools"
+    # torch first and pinned, so nothing below pulls a multi-GB CUDA build in its place.
+    "$VENV/bin/pip" install -q "$TORCH_SPEC" "$TRITON_SPEC" numpy setuptools wheel ninja
+    "$VENV/bin/pip" install -q pytest pytest-benchmark scikit-learn matplotlib tqdm
+    "$VENV/bin/pip" install -q --no-deps pytorch_optimizer
+    log "installing alig_fused (editable; builds the C++ extension against the venv's torch)"
+    # No build isolation: an isolated build would fetch its own (CUDA) torch to compile against.
+    MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/pip" install -q --no-build-isolation --no-deps -e .
+    "$VENV/bin/python" -c "import alig_fused as a; print('backends on cpu:', a.available_backends('cpu'))"
+    log "setup took $((SECONDS - t0)) s"
+}
+
+run_tests() {
+    local t0=$SECONDS
+    export ALIG_FUSED_REQUIRE_BACKENDS=${ALIG_FUSED_REQUIRE_BACKENDS:-torch,cpp,triton}
+    log "pytest (all backends on CPU; Triton through its interpreter; kernels compiled for sm_80/sm_90)"
+    "$VENV/bin/python" -m pytest -q "$@"
+    if [ -x .ci/cmake_test.sh ] || [ -f .ci/cmake_test.sh ]; then
+        log "CMake build of the extension against libtorch, and its C++ test"
+        bash .ci/cmake_test.sh
+    fi
+    if [ "${ALIG_SKIP_CUDA_BUILD:-0}" != "1" ] && [ -f .ci/build_cuda_ext.sh ]; then
+        log "CUDA extension compiled and linked with nvcc (separate venv with the CUDA build of torch)"
+        bash .ci/build_cuda_ext.sh
+    fi
+    log "tests took $((SECONDS - t0)) s"
+}
+
+cmd=${1:-test}
+shift || true
+case "$cmd" in
+    setup) setup ;;
+    demo) setup; "$VENV/bin/alig-fused" demo "$@" ;;
+    test) setup; run_tests "$@" ;;
+    bench) setup; "$VENV/bin/python" -m bench "$@" ;;
+    *) echo "usage: bash scripts/dev.sh {demo|test|bench|setup} [args...]" >&2; exit 2 ;;
+esac
