@@ -1,0 +1,68 @@
+"""Drop-in names of the reference implementation (oval-group/ali-g, ``alig.th``).
+
+A user of the reference changes one import line::
+
+    from alig.th import AliG, l2_projection        # before
+    from alig_fused import AliG, l2_projection     # after
+
+and keeps the call pattern ``optimizer.step(lambda: float(loss))``. The step runs on the
+fused path; ``l2_projection`` needs no host sync (the reference's ``if total_norm > max_norm``
+reads the norm on the host).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from .optim import FusedALIG
+
+__all__ = ["AliG", "l2_projection"]
+
+
+class AliG(FusedALIG):
+    """``AliG(params, max_lr=None, momentum=0, projection_fn=None, eps=1e-5, adjusted_momentum=False)``
+
+    The reference's signature and argument order on top of :class:`FusedALIG`
+    (``backend="auto"``). ``step_size`` is the mean step size over the groups, as in the
+    reference, but as a device tensor.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        max_lr: float | None = None,
+        momentum: float = 0,
+        projection_fn: Callable[[], Any] | None = None,
+        eps: float = 1e-5,
+        adjusted_momentum: bool = False,
+    ):
+        super().__init__(
+            params,
+            lr=max_lr,
+            momentum=momentum,
+            adjusted_momentum=adjusted_momentum,
+            eps=eps,
+            projection_fn=projection_fn,
+        )
+
+    @property
+    def step_size(self) -> Tensor | None:
+        sizes = [g["step_size"] for g in self.param_groups if isinstance(g.get("step_size"), Tensor)]
+        return torch.stack(sizes).mean() if sizes else None
+
+
+@torch.no_grad()
+def l2_projection(parameters: Iterable[Tensor], max_norm: float | None) -> None:
+    """Scale ``parameters`` jointly onto the l2 ball of radius ``max_norm`` (if outside)."""
+    if max_norm is None:
+        return
+    params = [p for p in parameters]
+    if not params:
+        return
+    norms = torch._foreach_norm(params, 2)
+    total_norm = torch.linalg.vector_norm(torch.stack([n.to(torch.float32) for n in norms]))
+    scale = torch.clamp(max_norm / total_norm, max=1.0)
+    torch._foreach_mul_(params, scale)
