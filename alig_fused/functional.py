@@ -16,7 +16,7 @@ them to a plain per-parameter loop.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -156,6 +156,7 @@ def torch_alig(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     cache: dict | None = None,
+    reduce_sums: ReduceSums | None = None,
 ) -> None:
     """One ALI-G step with foreach ops (the signature every backend shares).
 
@@ -166,63 +167,84 @@ def torch_alig(
     device; ``cache`` is a dict the caller keeps between steps for the backend. Writes the
     step size of each group into ``step_size_out`` and adds 1 to ``skipped_steps`` when
     the step is skipped (non-finite loss or gradient, or ``found_inf``).
-
-    This path projects by measuring ||w'|| after the update (it has no fused dot
-    products); that is the definition the analytic formula of the kernels reproduces.
+    ``reduce_sums(sums, loss) -> (sums, loss)``, when given, runs between pass 1 and the
+    finalize (the optimizer passes one when parameters are sharded across ranks: a single
+    all-reduce of the pass-1 sums and the loss).
     """
     n_groups = len(group_hparams)
     device = loss.device
     hparams = hparams_table(group_hparams, device, cache)
-    inv_scale = None if grad_scale is None else grad_scale.to(torch.float64).reciprocal()
-
-    # Unscaled fp32 gradients. A non-finite gradient must not reach the update even when
-    # its coefficient is 0 (0 * inf = nan), and foreach has no select, so on a skipped
-    # step the gradients' bits are zeroed through an integer view.
-    grads32 = _as_float32(grads)
-    if inv_scale is not None:
-        grads32 = torch._foreach_mul(grads32, inv_scale.to(torch.float32))
-
-    sums = torch.zeros(n_groups, Sum.COUNT, dtype=torch.float64, device=device)
     by_group = _split_by_group(group_index, n_groups)
-    for k, idx in enumerate(by_group):
-        if idx:
-            norms = torch._foreach_norm([grads32[i] for i in idx], 2)
-            sums[k, Sum.GG] = torch.stack(norms).to(torch.float64).square().sum()
 
-    # The torch path measures the projection after the update: finalize sees WW = BB = ... = 0
-    # and returns scale 1; the real scale is computed below.
+    # Pass 1. Unscaled gradients, math in (at least) fp32.
+    grads32 = _as_float32(grads)
+    if grad_scale is not None:
+        grads32 = torch._foreach_mul(grads32, grad_scale.to(torch.float32).reciprocal())
+    sums = torch.zeros(n_groups, Sum.COUNT, dtype=torch.float64, device=device)
+    for k, idx in enumerate(by_group):
+        if not idx:
+            continue
+        g = [grads32[i] for i in idx]
+        sums[k, Sum.GG] = _sq_norm(g)
+        if math.isfinite(group_hparams[k].max_norm):
+            w = _as_float32([params[i] for i in idx])
+            sums[k, Sum.WW] = _sq_norm(w)
+            sums[k, Sum.WG] = _dot(w, g)
+            if group_hparams[k].momentum > 0:
+                b = _as_float32([momentum_buffers[i] for i in idx])
+                sums[k, Sum.BB] = _sq_norm(b)
+                sums[k, Sum.WB] = _dot(w, b)
+                sums[k, Sum.BG] = _dot(b, g)
+    if reduce_sums is not None:
+        sums, loss = reduce_sums(sums, loss)
+
     step_size, coefs, skip = finalize(sums, loss, hparams, None, found_inf)
     step_size_out.copy_(step_size)
     skipped_steps.add_(skip.to(skipped_steps.dtype))
 
+    # Pass 2. A non-finite gradient must not reach the update even with a coefficient of
+    # 0 (0 * inf = nan), and foreach has no select, so on a skipped step the gradients'
+    # bits are zeroed through an integer view; the coefficients are then the identity.
     keep_bits = (~skip).to(torch.int32)
+    coefs32 = coefs.to(torch.float32)
     for k, idx in enumerate(by_group):
         if not idx:
             continue
-        coef = coefs[k].to(torch.float32)
-        a, c, d, mu = coef[Coef.A], coef[Coef.C], coef[Coef.D], coef[Coef.MU]
+        a, c, d, mu, scale = coefs32[k].unbind()
         w = [params[i] for i in idx]
         w32 = _as_float32(w)
         g32 = _zero_unless(keep_bits, [grads32[i] for i in idx])
-
-        # w' = w + a*b - c*g  (with the old buffer), then b' = mu*b - d*g
-        torch._foreach_sub_(w32, torch._foreach_mul(g32, c))
+        # w' = (w + a*b - c*g) * scale  (with the old buffer), then b' = mu*b - d*g
         if group_hparams[k].momentum > 0:
             b = [momentum_buffers[i] for i in idx]
             b32 = _as_float32(b)
             torch._foreach_add_(w32, torch._foreach_mul(b32, a))
+            torch._foreach_sub_(w32, torch._foreach_mul(g32, c))
             torch._foreach_mul_(b32, mu)
             torch._foreach_sub_(b32, torch._foreach_mul(g32, d))
             _copy_back(b, b32)
-
+        else:
+            torch._foreach_sub_(w32, torch._foreach_mul(g32, c))
         if math.isfinite(group_hparams[k].max_norm):
-            max_norm = hparams[k, HParam.MAX_NORM]
-            norms = torch._foreach_norm(w32, 2)
-            norm_sq = torch.stack(norms).to(torch.float64).square().sum()
-            # On a skipped step w32 == w and must stay so: force the scale to 1.
-            scale = torch.where(skip, torch.ones_like(norm_sq), projection_scale(norm_sq, max_norm))
-            torch._foreach_mul_(w32, scale.to(torch.float32))
+            torch._foreach_mul_(w32, scale)
         _copy_back(w, w32)
+
+
+ReduceSums = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor]"]
+
+
+def _sq_norm(tensors: list[Tensor]) -> Tensor:
+    """sum of ||t||^2 over the list, in float64 (per-tensor norms from foreach)."""
+    return torch.stack(torch._foreach_norm(tensors, 2)).to(torch.float64).square().sum()
+
+
+def _dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+    """sum of <x, y> over the lists, by polarization: (||x + y||^2 - ||x - y||^2) / 4.
+
+    foreach has no dot product; the rounding error is ~1e-7 (||x||^2 + ||y||^2), which the
+    projection's norm (a sum of such terms with ||w||^2) absorbs.
+    """
+    return (_sq_norm(torch._foreach_add(xs, ys)) - _sq_norm(torch._foreach_sub(xs, ys))) / 4
 
 
 def hparams_table(group_hparams: list[GroupHParams], device: torch.device, cache: dict | None) -> Tensor:
