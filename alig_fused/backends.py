@@ -6,6 +6,7 @@ by name raises ``BackendUnavailableError`` carrying the reason (the import or bu
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Callable
 
@@ -85,17 +86,25 @@ def supports(name: str, device: torch.device) -> tuple[bool, str]:
     return False, f"unknown backend {name!r}"
 
 
-def pick(requested: str, device: torch.device) -> str:
+def supports_sharding(name: str) -> bool:
+    """Does the backend take ``reduce_sums`` (needed for sharded parameters)?"""
+    fn = load(name)
+    return fn is not None and "reduce_sums" in inspect.signature(fn).parameters
+
+
+def pick(requested: str, device: torch.device, sharded: bool = False) -> str:
     """Resolve ``"auto"`` (or check a named backend) for parameters on ``device``."""
     if requested != "auto":
         ok, reason = supports(requested, device)
         if not ok:
             raise BackendUnavailableError(reason)
+        if sharded and not supports_sharding(requested):
+            raise BackendUnavailableError(f"backend {requested!r} does not support sharded (DTensor) parameters")
         return requested
     # GPU: Triton first, then the CUDA extension; CPU: the C++ extension. torch always works.
     order = ("triton", "cpp") if device.type == "cuda" else ("cpp",)
     for name in order:
-        if supports(name, device)[0]:
+        if supports(name, device)[0] and (not sharded or supports_sharding(name)):
             return name
     return "torch"
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends
+from . import backends, distributed
 from .functional import GroupHParams
 
 __all__ = ["FusedALIG"]
@@ -41,6 +41,11 @@ class FusedALIG(Optimizer):
         backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``.
         projection_fn: a callable run after every step (and once at construction), as in
             the reference; ``max_norm`` is the fused, sync-free way to project.
+        process_group: under torch.distributed, the ranks whose losses are averaged
+            (default: the world; for sharded parameters, their device mesh's group).
+        average_loss: average the loss across ranks when torch.distributed is initialized
+            (each rank sees its own loss, so without it the replicas would drift apart).
+            Sharded (DTensor/FSDP2) parameters always reduce the pass-1 sums across ranks.
 
     ``step(closure=None, *, loss=None)`` takes the loss as ``loss=`` (a number or a 0-dim
     tensor, preferably on the parameters' device) or from ``closure()``. The step size
@@ -66,6 +71,8 @@ class FusedALIG(Optimizer):
         projection_fn: Callable[[], Any] | None = None,
         *,
         max_lr: float | None = _UNSET,
+        process_group: Any = None,
+        average_loss: bool = True,
     ):
         if lr is not _UNSET and max_lr is not _UNSET:
             raise ValueError("give the maximal learning rate as lr= or as max_lr=, not both")
@@ -73,6 +80,8 @@ class FusedALIG(Optimizer):
         lr = None if lr is _UNSET else lr
         if backend != "auto" and backend not in backends.BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from 'auto', {', '.join(map(repr, backends.BACKENDS))}")
+        if not isinstance(average_loss, bool):
+            raise TypeError("average_loss must be a bool")
         if projection_fn is not None and not callable(projection_fn):
             raise TypeError(f"projection_fn must be callable, got {type(projection_fn).__name__}")
         defaults = dict(
@@ -87,6 +96,8 @@ class FusedALIG(Optimizer):
         _check_hparams(defaults, where="defaults")
         self.backend = backend
         self.projection_fn = projection_fn
+        self.process_group = process_group
+        self.average_loss = bool(average_loss)
         super().__init__(params, defaults)
 
         device = _common_device(p for g in self.param_groups for p in g["params"])  # mixed: an error now
@@ -178,7 +189,8 @@ class FusedALIG(Optimizer):
         device = _common_device(params + grads)
         if device is None:  # no gradient anywhere: nothing to do
             return loss
-        backend = backends.pick(self.backend, device)
+        sharded = distributed.is_sharded(params)
+        backend = backends.pick(self.backend, device, sharded=sharded)
         loss_t = _loss_tensor(loss, device)
 
         for p, k in zip(params, group_index):
@@ -189,6 +201,15 @@ class FusedALIG(Optimizer):
                 buffers.append(state["momentum_buffer"])
             else:
                 buffers.append(self._no_buffer(p))
+
+        reduce_sums = None
+        if sharded:  # the kernels see local shards; one all-reduce of the sums (and loss)
+            process_group = self.process_group or distributed.mesh_group(params)
+            reduce_sums = distributed.SumReducer(process_group, self.average_loss)
+            params, grads, buffers = (distributed.local_tensors(ts) for ts in (params, grads, buffers))
+        elif self.average_loss and distributed.is_initialized():
+            loss_t = distributed.average_loss(loss_t, self.process_group)
+        extra = {"reduce_sums": reduce_sums} if reduce_sums is not None else {}
 
         step_sizes = self._step_size_tensor(device)
         grad_scale = getattr(self, "grad_scale", None)
@@ -205,6 +226,7 @@ class FusedALIG(Optimizer):
             grad_scale,
             found_inf,
             self._cache.setdefault(backend, {}),
+            **extra,
         )
         self.last_backend = backend
         if self.projection_fn is not None:

@@ -1,0 +1,149 @@
+"""Two processes on CPU (gloo): DDP keeps the replicas identical, FSDP2 equals unsharded."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from alig_fused import FusedALIG
+
+WORLD = 2
+STEPS = 20
+TIMEOUT_S = 180
+HPARAMS = dict(lr=0.2, momentum=0.9, max_norm=3.0)
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def batch(rank: int, step: int):
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(8, 6, generator=gen)
+    y = torch.randn(8, 3, generator=gen)
+    return x, y
+
+
+def single_process_run(backend: str):
+    """Unsharded, one process, each step on the ranks' batches concatenated."""
+    model = make_model()
+    opt = FusedALIG(model.parameters(), backend=backend, **HPARAMS)
+    for step in range(STEPS):
+        xs, ys = zip(*(batch(r, step) for r in range(WORLD)))
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(torch.cat(xs)), torch.cat(ys))
+        loss.backward()
+        opt.step(loss=loss)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _worker(rank, port, mode, backend, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+        model = make_model()
+        if mode == "ddp":
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (WORLD,))
+            fully_shard(model[0], mesh=mesh)
+            fully_shard(model[2], mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        opt = FusedALIG(model.parameters(), backend=backend, **HPARAMS)
+        for step in range(STEPS):
+            x, y = batch(rank, step)
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)  # this rank's loss only
+            loss.backward()
+            opt.step(loss=loss)
+        params = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
+        torch.save({"params": [p.clone() for p in params], "backend": opt.last_backend}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def run_ranks(mode, backend, tmp_path):
+    """Start WORLD processes and wait; fail (never hang) after TIMEOUT_S."""
+    ctx = mp.start_processes(
+        _worker, args=(free_port(), mode, backend, str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{mode} run did not finish within {TIMEOUT_S} s")
+    except Exception as exc:
+        errors = [p.read_text() for p in sorted(tmp_path.glob("rank*.err"))]
+        pytest.fail(f"{mode} worker failed: {exc}\n" + "\n".join(errors))
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.fixture(params=["torch", "cpp"])
+def dist_backend(request):
+    from conftest import require_backend
+
+    require_backend(request.param, torch.device("cpu"))
+    return request.param
+
+
+def test_ddp_replicas_stay_identical_and_match_one_process(dist_backend, tmp_path):
+    results = run_ranks("ddp", dist_backend, tmp_path)
+    assert results[0]["backend"] == dist_backend
+    for p0, p1 in zip(results[0]["params"], results[1]["params"]):
+        assert torch.equal(p0, p1), "the replicas drifted apart"
+    expected = single_process_run(dist_backend)
+    for p, e in zip(results[0]["params"], expected):
+        torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_sharded_equals_unsharded(dist_backend, tmp_path):
+    from alig_fused import backends
+
+    if not backends.supports_sharding(dist_backend):
+        pytest.skip(f"backend {dist_backend!r} does not take reduce_sums yet (sharded parameters)")
+    results = run_ranks("fsdp", dist_backend, tmp_path)
+    expected = single_process_run(dist_backend)
+    for r in range(WORLD):
+        for p, e in zip(results[r]["params"], expected):
+            torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-6)
+
+
+def test_without_averaging_the_replicas_would_drift(tmp_path):
+    """The property the averaging exists for: per-rank losses give per-rank step sizes."""
+    sizes = []
+    for rank in range(WORLD):
+        model = make_model()
+        opt = FusedALIG(model.parameters(), backend="torch", lr=None, momentum=0.9)
+        x, y = batch(rank, 0)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step(loss=loss)
+        sizes.append(float(opt.param_groups[0]["step_size"]))
+    assert sizes[0] != pytest.approx(sizes[1], rel=1e-3)
