@@ -1,0 +1,1 @@
+"""Throughput benchmarks of the ALI-G step: ``python -m bench`` (see bench/README.md)."""

@@ -1,0 +1,198 @@
+"""What is timed: each contender turns a workspace (params with grads in place) into ``step()``.
+
+Traffic model (element transfers per step, N = number of parameter elements, all state in
+the parameters' dtype), used for the effective bandwidth of the report:
+
+    ALI-G, momentum, no projection      6N  pass 1 reads g; pass 2 reads w, g, b, writes w, b
+    ALI-G, momentum + projection        8N  pass 1 also reads w, b
+    ALI-G, no momentum                  4N  (5N with projection): no buffer to read or write
+    SGD with Nesterov momentum          5N  reads w, g, b; writes w, b
+    Adam                                7N  reads w, g, m, v; writes w, m, v
+    copy                                2N  reads src, writes dst
+
+The same count is used for every ALI-G contender, so a slower implementation shows as a
+lower *effective* bandwidth (it moves more bytes than the algorithm needs, or moves them
+slowly).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .reference_loop import ReferenceLoopALIG
+
+class Unsupported(RuntimeError):
+    """The contender cannot run on this device or dtype (a skip, not a failure)."""
+
+
+MAX_LR = 0.1
+MOMENTUM = 0.9
+BASELINE_LR = 1e-3
+# Tiny on purpose: |w'| > max_norm after every step, so every projection really scales
+# (the reference loop's `if total_norm > max_norm` branch is always taken).
+MAX_NORM = 1e-4
+
+
+@dataclass(frozen=True)
+class Variant:
+    momentum: float
+    project: bool
+
+    @property
+    def max_norm(self) -> float | None:
+        return MAX_NORM if self.project else None
+
+    @property
+    def transfers(self) -> int:
+        buffer = self.momentum > 0
+        pass2 = 3 + (2 if buffer else 0)  # read w, g (, b); write w (, b)
+        pass1 = 1 + ((2 if buffer else 1) if self.project else 0)  # read g (, w (, b))
+        return pass1 + pass2
+
+
+VARIANTS = {
+    "plain": Variant(0.0, False),
+    "momentum": Variant(MOMENTUM, False),
+    "proj": Variant(0.0, True),
+    "momentum+proj": Variant(MOMENTUM, True),
+}
+BASELINE_VARIANT = "-"
+
+
+@dataclass
+class Workspace:
+    """Parameters with their gradients in place, and the loss as a 0-dim device tensor."""
+
+    params: list[torch.Tensor]
+    loss: torch.Tensor
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+Step = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Contender:
+    key: str
+    name: str
+    family: str  # "alig", "baseline" or "copy"
+    build: Callable[[Workspace, Variant | None], Step]
+    available: Callable[[torch.device], str]  # "ok" or why not
+    fixed_transfers: int = 0  # baselines: per element; ALI-G: from the variant
+
+    def transfers(self, variant: Variant | None) -> int:
+        return variant.transfers if self.family == "alig" else self.fixed_transfers
+
+
+# -- ALI-G ---------------------------------------------------------------------------------
+
+
+def _fused(backend: str) -> Contender:
+    def build(ws: Workspace, v: Variant) -> Step:
+        from alig_fused import FusedALIG
+
+        opt = FusedALIG(ws.params, lr=MAX_LR, momentum=v.momentum, max_norm=v.max_norm, backend=backend)
+        loss = ws.loss
+        return lambda: opt.step(loss=loss)
+
+    def available(device: torch.device) -> str:
+        try:
+            import alig_fused
+        except Exception as exc:  # the package itself failed to import
+            return f"alig_fused failed to import: {type(exc).__name__}: {exc}"
+        status = alig_fused.available_backends(device).get(backend, f"unknown backend {backend!r}")
+        if status == "ok" and backend == "triton" and device.type != "cuda":
+            return "the Triton interpreter (TRITON_INTERPRET=1) is a correctness tool, not timed"
+        return status
+
+    return Contender(f"fused_{backend}", f"FusedALIG[{backend}]", "alig", build, available)
+
+
+def _build_reference(ws: Workspace, v: Variant) -> Step:
+    opt = ReferenceLoopALIG(ws.params, max_lr=MAX_LR, momentum=v.momentum, max_norm=v.max_norm)
+    loss = ws.loss
+    return lambda: opt.step(lambda: loss)
+
+
+def _build_pytorch_optimizer(ws: Workspace, v: Variant) -> Step:
+    from pytorch_optimizer import AliG
+
+    try:
+        from pytorch_optimizer.optimizer.alig import l2_projection
+    except ImportError:  # moved in another release: the same function, ours
+        from .reference_loop import l2_projection
+    params = ws.params
+    projection = None if v.max_norm is None else (lambda: l2_projection(params, v.max_norm))
+    opt = AliG(params, max_lr=MAX_LR, momentum=v.momentum, projection_fn=projection)
+    loss = ws.loss
+    # Its documented call: step(lambda: float(loss)); the float is a host sync.
+    return lambda: opt.step(lambda: loss.item())
+
+
+def _pytorch_optimizer_available(device: torch.device) -> str:
+    if importlib.util.find_spec("pytorch_optimizer") is None:
+        return "pytorch_optimizer is not installed (pip install pytorch_optimizer)"
+    try:
+        from pytorch_optimizer import AliG  # noqa: F401
+    except Exception as exc:
+        return f"pytorch_optimizer failed to import: {type(exc).__name__}: {exc}"
+    return "ok"
+
+
+# -- baselines -----------------------------------------------------------------------------
+
+
+def _torch_optim(cls_name: str, impl: str) -> Callable[[Workspace, Variant | None], Step]:
+    def build(ws: Workspace, _: Variant | None) -> Step:
+        flag = {impl: True}
+        try:
+            if cls_name == "SGD":
+                opt = torch.optim.SGD(ws.params, lr=BASELINE_LR, momentum=MOMENTUM, nesterov=True, **flag)
+            else:
+                opt = torch.optim.Adam(ws.params, lr=BASELINE_LR, **flag)
+        except RuntimeError as exc:  # e.g. fused=True on a device torch has no fused kernel for
+            if impl in str(exc).lower():
+                raise Unsupported(f"torch.optim.{cls_name}({impl}=True): {exc}") from exc
+            raise
+        return opt.step
+
+    return build
+
+
+def _build_copy(ws: Workspace, _: Variant | None) -> Step:
+    # One big tensor with the same number of elements (and bytes) as the parameters.
+    src = torch.ones(ws.numel, dtype=ws.dtype, device=ws.device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def _always(device: torch.device) -> str:
+    return "ok"
+
+
+CONTENDERS: dict[str, Contender] = {
+    c.key: c
+    for c in [
+        _fused("torch"),
+        _fused("cpp"),
+        _fused("triton"),
+        Contender("ref_loop", "ALI-G reference loop", "alig", _build_reference, _always),
+        Contender("po_alig", "pytorch_optimizer.AliG", "alig", _build_pytorch_optimizer, _pytorch_optimizer_available),
+        Contender("sgd_foreach", "SGD nesterov (foreach)", "baseline", _torch_optim("SGD", "foreach"), _always, 5),
+        Contender("sgd_fused", "SGD nesterov (fused)", "baseline", _torch_optim("SGD", "fused"), _always, 5),
+        Contender("adam_foreach", "Adam (foreach)", "baseline", _torch_optim("Adam", "foreach"), _always, 7),
+        Contender("adam_fused", "Adam (fused)", "baseline", _torch_optim("Adam", "fused"), _always, 7),
+        Contender("copy", "copy_ (bandwidth limit)", "copy", _build_copy, _always, 2),
+    ]
+}
+REFERENCE = "ref_loop"
+SGD_REFERENCE = "sgd_foreach"

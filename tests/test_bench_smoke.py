@@ -1,0 +1,78 @@
+"""The benchmark harness at tiny size, so it cannot rot: ``python -m bench --quick``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench import report, shapes  # noqa: E402
+
+
+def run_bench(out: Path, *extra: str) -> dict:
+    cmd = [sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--threads", "1", "--out", str(out), *extra]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "name, tensors, params",
+    [("resnet50", 161, 25_557_032), ("gpt2", 148, 124_439_808), ("llama1b", 146, 1_235_814_400), ("many_small", 2000, 8_192_000)],
+)
+def test_shape_sets_are_the_real_models(name, tensors, params):
+    shape_set = shapes.MODEL_SETS[name]()
+    assert (len(shape_set), shapes.numel(shape_set)) == (tensors, params)
+    assert len({n for n, _ in shape_set}) == tensors
+
+
+def test_quick_run_writes_a_report(tmp_path):
+    data = run_bench(tmp_path)
+    records = data["records"]
+    assert records and all(r["status"] in ("ok", "skipped") for r in records), [r for r in records if r["status"] != "ok"][:3]
+    ran = {r["contender"] for r in records if r["status"] == "ok"}
+    assert {"fused_torch", "ref_loop", "sgd_foreach", "sgd_fused", "adam_foreach", "adam_fused", "copy"} <= ran
+    assert {r["set"] for r in records} == {"resnet50", "gpt2", "many_small", "sweep_tensors", "sweep_params"}
+    for r in records:
+        if r["status"] == "ok":
+            assert r["median_s"] > 0 and r["rounds"] >= 1 and len(r["times_s"]) == r["rounds"]
+        else:
+            assert r["reason"]
+    env = data["environment"]
+    text = (tmp_path / "report.md").read_text()
+    for needle in ("ms/step", "vs ref loop", "% copy", env["torch"], env["date"], env["device_name"]):
+        assert needle in text
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "time_vs_params.png").stat().st_size > 0
+        assert (tmp_path / "time_vs_tensor_count.png").stat().st_size > 0
+
+
+def test_builtin_timing_loop_gives_the_same_records(tmp_path):
+    """The fallback used where pytest-benchmark is not installed (e.g. a bare GPU box)."""
+    data = run_bench(tmp_path, "--timing", "builtin", "--sets", "resnet50,sweep_tensors", "--dtypes", "bf16")
+    ok = [r for r in data["records"] if r["status"] == "ok"]
+    assert {r["dtype"] for r in ok} == {"bf16", "fp32"}  # the sweeps are fp32
+    assert "built-in loop" in data["timing"]
+    assert all(r["median_s"] > 0 for r in ok)
+
+
+def test_derived_numbers():
+    base = dict(status="ok", label="s", dtype="fp32", n_elements=1000, element_size=4)
+    records = [
+        dict(base, contender="copy", family="copy", variant="-", transfers_per_element=2, bytes_per_step=8000, median_s=1e-6),
+        dict(base, contender="sgd_foreach", family="baseline", variant="-", transfers_per_element=5, bytes_per_step=20000, median_s=4e-6),
+        dict(base, contender="ref_loop", family="alig", variant="momentum", transfers_per_element=6, bytes_per_step=24000, median_s=1e-5),
+        dict(base, contender="fused_cpp", family="alig", variant="momentum", transfers_per_element=6, bytes_per_step=24000, median_s=5e-6),
+    ]
+    copy, sgd, ref, fused = report.derive(records)
+    assert copy["gbps"] == pytest.approx(8.0) and copy["copy_fraction"] == pytest.approx(1.0)
+    assert fused["gbps"] == pytest.approx(4.8) and fused["copy_fraction"] == pytest.approx(0.6)
+    assert fused["speedup_vs_ref"] == pytest.approx(2.0) and fused["speedup_vs_sgd"] == pytest.approx(0.8)
+    assert sgd["speedup_vs_ref"] is None and copy["speedup_vs_sgd"] is None
