@@ -204,7 +204,8 @@ def _sweep_table(rows: list[dict], x_name: str) -> list[str]:
     cell = {(r["point"], r["contender"]): r for r in rows}
     body = []
     for point in points:
-        body.append([_count(point)] + [_ms(cell[(point, c)]["median_s"]) if (point, c) in cell else "-" for c in contenders])
+        x = f"{point:,}" if x_name == "tensors" else f"2^{point.bit_length() - 1} ({_count(point)})"
+        body.append([x] + [_ms(cell[(point, c)]["median_s"]) if (point, c) in cell else "-" for c in contenders])
     return _table([x_name] + [CONTENDERS[c].name for c in contenders], body)
 
 
