@@ -1,0 +1,555 @@
+"""The Triton backend on CPU tensors, through the Triton interpreter, against the float64
+per-parameter reference loop (tests/reference.py) and the torch backend.
+
+The interpreter costs ~10 ms per program, so the models are small and most tests cut
+chunks of 64 elements in blocks of 16 (the ``small_chunks`` fixture): tensors of a few
+hundred elements then span several chunks, and both kernel paths (whole aligned chunks
+in a constant-trip loop; masked tails) and loops of several iterations run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# The interpreter must be chosen before triton is imported. With CUDA present the kernels
+# are compiled for the GPU instead and tests/test_gpu_triton.py covers them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from alig_fused import FusedALIG  # noqa: E402
+from alig_fused import triton_kernels as tk  # noqa: E402
+from alig_fused.functional import GroupHParams, torch_alig  # noqa: E402
+from reference import ReferenceALIG  # noqa: E402
+
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # pragma: no cover
+    InterpretedFunction = ()
+
+pytestmark = pytest.mark.skipif(
+    not isinstance(tk._alig_pass1_kernel, InterpretedFunction),
+    reason="the Triton interpreter is not active in this process (TRITON_INTERPRET unset when triton was "
+    "imported); tests/test_gpu_triton.py runs the kernels on the GPU",
+)
+
+STEPS = 50
+# Trajectory tolerance. Every run is compared with the float64 reference loop. Rounding to
+# the storage dtype at each step perturbs the trajectory (and uncapped Polyak steps near
+# the solution amplify that), so the bound is calibrated on the plain loop run in the same
+# storage dtype: the Triton run may be at most 3x further from the exact trajectory than
+# the plain loop, plus a floor of a few storage ulps (relative l2 distance).
+FLOOR = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+# ---------------------------------------------------------------------------------------
+# Harness: the same problem for the Triton run, the torch backend, the float64 reference
+# and the plain loop in the storage dtype.
+# ---------------------------------------------------------------------------------------
+
+
+def problem_loss(params, targets, active):
+    """sum_i mean((0.2 tanh(p_i) + p_i - t_i)^2) in float64; inactive tensors get no grad."""
+    total = torch.zeros((), dtype=torch.float64)
+    for p, t, on in zip(params, targets, active):
+        if on:
+            x = p.to(torch.float64)
+            total = total + ((0.2 * torch.tanh(x) + x - t) ** 2).mean()
+    return total
+
+
+class Problem:
+    """spec: list of (shapes, hparams, dtype or None). Replicas of one start point."""
+
+    def __init__(self, spec, dtype=torch.float32, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.spec = spec
+        self.masters, self.targets, self.dtypes = [], [], []
+        for shapes, _hparams, *group_dtype in spec:
+            for s in shapes:
+                self.masters.append(torch.randn(s, generator=gen, dtype=torch.float64))
+                solution = torch.randn(s, generator=gen, dtype=torch.float64) * 0.5
+                self.targets.append(0.2 * torch.tanh(solution) + solution)
+                self.dtypes.append(group_dtype[0] if group_dtype else dtype)
+
+    def replica(self, dtype=None):
+        """(flat params, param groups) in the spec's dtypes, or all in ``dtype``."""
+        flat, groups, i = [], [], 0
+        for shapes, hparams, *_ in self.spec:
+            params = []
+            for _ in shapes:
+                params.append(self.masters[i].to(dtype or self.dtypes[i], copy=True).requires_grad_())
+                i += 1
+            flat += params
+            groups.append({"params": params, **hparams})
+        return flat, groups
+
+    def backward(self, flat, active):
+        for p in flat:
+            p.grad = None
+        loss = problem_loss(flat, self.targets, active)
+        loss.backward()
+        return loss
+
+
+def trajectory_error(params, exact):
+    """Relative l2 distance between two lists of tensors (float64)."""
+    diff = math.sqrt(sum(float((p.detach().double() - e.detach().double()).norm()) ** 2 for p, e in zip(params, exact)))
+    scale = math.sqrt(sum(float(e.detach().double().norm()) ** 2 for e in exact))
+    return diff / max(scale, 1e-12)
+
+
+def run(spec, steps, dtype=torch.float32, inactive=None, with_torch=True, **opt_kwargs):
+    """Triton run (+ torch backend, float64 reference, plain loop in ``dtype``) in lockstep.
+
+    Returns a dict of the flat params of each run, the optimizers, and the per-step step
+    sizes of the Triton and torch runs.
+    """
+    problem = Problem(spec, dtype)
+    tri_flat, tri_groups = problem.replica()
+    tri = FusedALIG(tri_groups, backend="triton", **opt_kwargs)
+    runs = {"triton": (tri_flat, tri)}
+    if with_torch:
+        flat, groups = problem.replica()
+        runs["torch"] = (flat, FusedALIG(groups, backend="torch", **opt_kwargs))
+    ref_kwargs = {"eps_default": opt_kwargs["eps"]} if "eps" in opt_kwargs else {}
+    for name, rdtype in (("exact", torch.float64), ("plain", None)):
+        flat, groups = problem.replica(rdtype)
+        runs[name] = (flat, ReferenceALIG(groups, **ref_kwargs))
+    step_sizes = {"triton": [], "torch": []}
+    for step in range(steps):
+        active = [not (inactive and inactive(step, i)) for i in range(len(tri_flat))]
+        for name, (flat, opt) in runs.items():
+            loss = problem.backward(flat, active)
+            if isinstance(opt, ReferenceALIG):
+                opt.step(float(loss.detach()))
+            else:
+                opt.step(loss=loss)
+                step_sizes[name].append([float(g["step_size"]) for g in opt.param_groups])
+    out = {name: flat for name, (flat, _) in runs.items()}
+    out.update(opt=tri, torch_opt=runs["torch"][1] if with_torch else None, step_sizes=step_sizes, problem=problem)
+    return out
+
+
+def assert_follows_reference(result, indices=None, dtype=torch.float32):
+    pick = (lambda xs: xs) if indices is None else (lambda xs: [xs[i] for i in indices])
+    tri_error = trajectory_error(pick(result["triton"]), pick(result["exact"]))
+    plain_error = trajectory_error(pick(result["plain"]), pick(result["exact"]))
+    bound = 3 * plain_error + FLOOR[dtype]
+    assert tri_error <= bound, (
+        f"triton run is {tri_error:.3g} (relative) from the float64 reference; the plain loop in {dtype} is "
+        f"{plain_error:.3g}; allowed {bound:.3g}"
+    )
+    return tri_error, plain_error
+
+
+def assert_matches_torch_backend(result, dtype=torch.float32):
+    """Same storage dtype, same math: the two backends agree to the calibrated bound."""
+    _, plain_error = assert_follows_reference(result, dtype=dtype)
+    gap = trajectory_error(result["triton"], result["torch"])
+    assert gap <= 3 * plain_error + FLOOR[dtype], f"triton and torch backends differ by {gap:.3g} (relative)"
+    for tri, ref in zip(result["step_sizes"]["triton"], result["step_sizes"]["torch"]):
+        assert tri == pytest.approx(ref, rel=1e-4, abs=1e-9)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def bf16_round_to_nearest_even():
+    """The interpreter of triton 3.6 converts fp32 to bf16 by truncating the mantissa
+    (``_convert_float`` with no rounding mode); the GPU rounds to nearest even
+    (``cvt.rn.bf16.f32``), as torch does. Make the interpreter do what the GPU does, or
+    bf16 trajectories drift toward zero here and nowhere else."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    cast_impl = interpreter.InterpreterBuilder.cast_impl
+
+    def rtne_cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            data = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16).view(torch.int16).numpy()
+            return interpreter.TensorHandle(data.view(np.uint16), dst_type.scalar)
+        return cast_impl(self, src, dst_type)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(interpreter.InterpreterBuilder, "cast_impl", rtne_cast_impl)
+        yield
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 64 elements in blocks of 16: multi-chunk tensors and multi-block loops."""
+    monkeypatch.setattr(tk, "CHUNK", 64)
+    monkeypatch.setattr(tk, "BLOCK", 16)
+
+
+@pytest.fixture
+def launch_log(monkeypatch):
+    """Records the kernel of every launch (and still launches it)."""
+    log = []
+    launch = tk._launch
+
+    def counting_launch(kernel, grid, *args, **meta):
+        log.append(kernel)
+        launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(tk, "_launch", counting_launch)
+    return log
+
+
+# ---------------------------------------------------------------------------------------
+# Trajectories
+# ---------------------------------------------------------------------------------------
+
+GROUPS_SPEC = [
+    ([(10, 13), (7,)], {"lr": 0.05, "momentum": 0.9, "max_norm": 2.0}),  # standard momentum, projection
+    ([(1,), (64,)], {"lr": None, "momentum": 0.5, "adjusted_momentum": True}),  # adjusted, no cap
+    ([(3, 4)], {"lr": 0.1, "max_norm": 1.5}),  # no momentum, projection
+    ([], {"lr": 0.1}),  # an empty group
+    ([(5,), (2, 2)], {"lr": None, "eps": 1e-3, "f_star": 0.01, "scaling": 2.0}),  # no momentum, no cap
+]
+
+
+def test_groups_match_reference_and_torch(small_chunks, launch_log):
+    """Several groups with different settings, missing grads, odd sizes, 50 steps."""
+
+    def inactive(step, i):
+        # tensor 2 (shape (1,)) never has a gradient; tensor 5 only on even steps
+        return i == 2 or (i == 5 and step % 2 == 1)
+
+    result = run(GROUPS_SPEC, STEPS, inactive=inactive)
+    assert_matches_torch_backend(result)
+    opt = result["opt"]
+    # the projection was active: the first group ends on its sphere of radius 2
+    norm = math.sqrt(sum(float(p.detach().double().norm()) ** 2 for p in result["triton"][:2]))
+    assert norm == pytest.approx(2.0, rel=1e-5)
+    # never stepped: bit-identical to its start, and no momentum buffer
+    assert torch.equal(result["triton"][2].detach(), result["problem"].masters[2].float())
+    assert int(opt.skipped_steps) == 0
+    assert len(launch_log) <= 3 * STEPS
+    assert launch_log.count(tk._alig_finalize_kernel) == STEPS
+
+
+def test_default_chunking_matches_reference():
+    """The shipped CHUNK/BLOCK: a tensor of a whole chunk plus a tail, and odd sizes."""
+    spec = [([(tk.CHUNK + 1000,), (7,), (1,)], {"lr": 0.1, "momentum": 0.9, "max_norm": 30.0})]
+    result = run(spec, 4)
+    assert_matches_torch_backend(result)
+
+
+def test_large_odd_tensor(monkeypatch):
+    """1000003 elements (61 whole chunks and a tail) and a scalar, projection binding, two
+    steps through the functional entry point (the optimizer's own start projection is not
+    this backend's business). BLOCK = CHUNK keeps the interpreter at one loop iteration
+    per chunk; the loops are exercised by the other tests."""
+    monkeypatch.setattr(tk, "BLOCK", tk.CHUNK)
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(1000003,), (1,)]
+    start = [torch.randn(s, generator=gen) for s in shapes]  # norm ~1000: outside the ball
+    grads = [[torch.randn(s, generator=gen) * 1e-2 for s in shapes] for _ in range(2)]
+    group = hparams(lr=0.5, momentum=0.9, max_norm=900.0)
+    ref_params = [p.double().requires_grad_() for p in start]
+    reference = ReferenceALIG([{"params": ref_params, "lr": 0.5, "momentum": 0.9}])
+    reference.groups[0]["max_norm"] = 900.0  # set after construction: no start projection
+    runs, caches = {}, {}
+    for name, fn in (("triton", tk.triton_alig), ("torch", torch_alig)):
+        params = [p.clone() for p in start]
+        buffers = [torch.zeros_like(p) for p in start]
+        caches[name] = {}
+        for step in range(2):
+            step_size, _ = call_step(params, grads[step], buffers, [0, 0], [group], 3.0, backend=fn,
+                                     cache=caches[name])
+        runs[name] = params, step_size
+    for step in range(2):
+        for p, g in zip(ref_params, grads[step]):
+            p.grad = g.double()
+        reference.step(3.0)
+    assert caches["triton"]["tables"].n_chunks == 62 + 1
+    assert trajectory_error(start, ref_params) > 1e-3  # the steps moved the parameters
+    params, step_size = runs["triton"]
+    assert trajectory_error(params, ref_params) < 1e-6
+    assert float(step_size[0]) == pytest.approx(reference.step_sizes[0], rel=1e-6)
+    norm = math.sqrt(sum(float(p.double().norm()) ** 2 for p in params))
+    assert norm == pytest.approx(900.0, rel=1e-6)
+    # The torch path is looser here: fp32 CPU norms of 1M elements are off by ~1e-5 (measured).
+    assert trajectory_error(params, runs["torch"][0]) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision(small_chunks, dtype):
+    """bf16/fp16 storage, fp32 math, buffers in the storage dtype. Looser tolerance: the
+    floor is a few storage ulps (FLOOR), above 3x the plain loop's own error in that dtype."""
+    spec = [([(10, 13), (7,), (1,)], {"lr": 0.1, "momentum": 0.9, "max_norm": 2.0})]
+    result = run(spec, STEPS if dtype == torch.bfloat16 else 20, dtype=dtype)
+    assert_matches_torch_backend(result, dtype)
+    for p in result["triton"]:
+        assert p.dtype == dtype
+        assert result["opt"].state[p]["momentum_buffer"].dtype == dtype
+
+
+def test_mixed_dtypes_one_model(small_chunks, launch_log):
+    """fp32, bf16 and fp16 tensors in one model: still three launches per step."""
+    spec = [
+        ([(10, 13), (7,)], {"lr": 0.1, "momentum": 0.9, "max_norm": 3.0}, torch.float32),
+        ([(9, 9), (1,)], {"lr": 0.1, "momentum": 0.9, "max_norm": 3.0}, torch.bfloat16),
+        ([(33,)], {"lr": 0.05}, torch.float16),
+    ]
+    steps = 30
+    result = run(spec, steps)
+    assert len(launch_log) == 3 * steps
+    assert [p.dtype for p in result["triton"]] == [torch.float32] * 2 + [torch.bfloat16] * 2 + [torch.float16]
+    assert_follows_reference(result, indices=[0, 1], dtype=torch.float32)
+    assert_follows_reference(result, indices=[2, 3], dtype=torch.bfloat16)
+    assert_follows_reference(result, indices=[4], dtype=torch.float16)
+    for dtype, idx in ((torch.float32, [0, 1]), (torch.bfloat16, [2, 3]), (torch.float16, [4])):
+        gap = trajectory_error([result["triton"][i] for i in idx], [result["torch"][i] for i in idx])
+        assert gap <= 2 * FLOOR[dtype], f"{dtype}: triton and torch differ by {gap:.3g}"
+
+
+def test_many_tiny_tensors(launch_log):
+    """300 tensors of 1-3 elements in 3 groups: one program each, still 3 launches."""
+    shapes = [(1 + i % 3,) for i in range(300)]
+    spec = [
+        (shapes[:100], {"lr": 0.2, "momentum": 0.9}),
+        (shapes[100:200], {"lr": 0.1, "max_norm": 5.0}),
+        (shapes[200:], {"lr": None, "momentum": 0.5, "adjusted_momentum": True}),
+    ]
+    result = run(spec, 1, with_torch=False)
+    assert_follows_reference(result)
+    assert len(launch_log) == 3
+
+
+def test_launch_count_does_not_grow(monkeypatch):
+    """<= 3 launches per step for 3 and for 3000 tensors (launches recorded, not run)."""
+    launched = []
+    monkeypatch.setattr(tk, "_launch", lambda kernel, grid, *args, **meta: launched.append((kernel, grid)))
+    for n_tensors in (3, 3000):
+        launched.clear()
+        params = [torch.zeros(5) for _ in range(n_tensors)]
+        grads = [torch.ones(5) for _ in range(n_tensors)]
+        buffers = [torch.zeros(5) for _ in range(n_tensors)]
+        call_step(params, grads, buffers, [0] * n_tensors, [hparams(momentum=0.9, max_norm=1.0)], loss=1.0)
+        assert [k for k, _ in launched] == list(tk.KERNELS)
+        assert launched[0][1] == (n_tensors,)  # one program per chunk, one grid
+
+
+# ---------------------------------------------------------------------------------------
+# AMP, skipped steps, non-finite values
+# ---------------------------------------------------------------------------------------
+
+
+def snapshot(flat, opt):
+    state = [p.detach().clone() for p in flat]
+    state += [opt.state[p]["momentum_buffer"].clone() for p in flat if "momentum_buffer" in opt.state[p]]
+    return state
+
+
+def bit_identical(a, b):
+    def bits(t):
+        return t.reshape(-1).view(torch.uint8)
+
+    return len(a) == len(b) and all(torch.equal(bits(x), bits(y)) for x, y in zip(a, b))
+
+
+AMP_SPEC = [
+    ([(10, 13), (7,)], {"lr": 0.1, "momentum": 0.9, "max_norm": 2.0}),
+    ([(1,), (33,)], {"lr": 0.05}),
+]
+
+
+def test_grad_scale_and_found_inf(small_chunks):
+    """Scaled gradients with grad_scale give the steps of the unscaled ones (bitwise, the
+    scale being a power of two); found_inf leaves everything bit-identical and counts."""
+    problem = Problem(AMP_SPEC)
+    plain_flat, plain_groups = problem.replica()
+    amp_flat, amp_groups = problem.replica()
+    plain = FusedALIG(plain_groups, backend="triton")
+    amp = FusedALIG(amp_groups, backend="triton")
+    scale = 1024.0
+    active = [True] * len(plain_flat)
+    for step in range(4):
+        loss = problem.backward(plain_flat, active)
+        plain.step(loss=loss)
+        loss = problem.backward(amp_flat, active)
+        for p in amp_flat:
+            p.grad.mul_(scale)
+        amp.grad_scale = torch.tensor(scale)
+        amp.found_inf = torch.tensor(0.0)
+        amp.step(loss=loss)
+        assert bit_identical(snapshot(amp_flat, amp), snapshot(plain_flat, plain)), f"step {step}"
+        assert torch.equal(amp._step_sizes, plain._step_sizes)
+
+    before = snapshot(amp_flat, amp)
+    loss = problem.backward(amp_flat, active)
+    amp.grad_scale = torch.tensor(scale)
+    amp.found_inf = torch.tensor(1.0)
+    amp.step(loss=loss)
+    assert bit_identical(snapshot(amp_flat, amp), before)
+    assert int(amp.skipped_steps) == 1
+    assert amp._step_sizes.eq(0).all()
+
+
+@pytest.mark.parametrize("case", ["nan_loss", "inf_loss", "inf_grad", "nan_grad"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
+def test_non_finite_skips_bit_identical(small_chunks, case):
+    problem = Problem(AMP_SPEC)
+    flat, groups = problem.replica()
+    opt = FusedALIG(groups, backend="triton")
+    active = [True] * len(flat)
+    for _ in range(2):  # momentum buffers exist and are non-zero
+        opt.step(loss=problem.backward(flat, active))
+    before = snapshot(flat, opt)
+    loss = problem.backward(flat, active)
+    if case == "nan_loss":
+        loss = torch.tensor(float("nan"), dtype=torch.float64)
+    elif case == "inf_loss":
+        loss = torch.tensor(float("inf"), dtype=torch.float64)
+    else:
+        flat[0].grad[3, 5] = float("inf") if case == "inf_grad" else float("nan")
+    opt.step(loss=loss)
+    assert bit_identical(snapshot(flat, opt), before)
+    assert int(opt.skipped_steps) == 1
+    assert opt._step_sizes.eq(0).all()
+    opt.step(loss=problem.backward(flat, active))  # and the next step runs
+    assert int(opt.skipped_steps) == 1
+    assert not bit_identical(snapshot(flat, opt), before)
+
+
+# ---------------------------------------------------------------------------------------
+# The functional entry point: reduce_sums, no tensors, validation
+# ---------------------------------------------------------------------------------------
+
+
+def hparams(lr=math.inf, momentum=0.0, adjusted=False, max_norm=math.inf, eps=1e-5, f_star=0.0, scaling=1.0):
+    return GroupHParams(lr, momentum, adjusted, max_norm, eps, f_star, scaling)
+
+
+def call_step(params, grads, buffers, group_index, group_hparams, loss, backend=None, **kwargs):
+    step_size = torch.zeros(len(group_hparams))
+    skipped = torch.zeros((), dtype=torch.int64)
+    (backend or tk.triton_alig)(
+        params, grads, buffers, group_index, group_hparams, torch.tensor(loss, dtype=torch.float64), step_size,
+        skipped, kwargs.pop("grad_scale", None), kwargs.pop("found_inf", None), kwargs.pop("cache", {}), **kwargs
+    )
+    return step_size, skipped
+
+
+def test_reduce_sums_matches_torch(small_chunks, launch_log):
+    """reduce_sums (the sharded path) runs between the finalize launches; here it stands
+    for a 2-rank all-reduce of identical shards: sums and loss doubled, loss averaged."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(10, 13), (7,), (1,)]
+    group_hparams = [hparams(lr=0.3, momentum=0.9, max_norm=3.0), hparams(lr=0.2)]
+    group_index = [0, 0, 1]
+    calls = []
+
+    def reduce_sums(sums, loss):
+        calls.append(sums.shape)
+        return sums * 2, (loss * 2) / 2
+
+    states = {}
+    for name, fn in (("triton", tk.triton_alig), ("torch", torch_alig)):
+        params = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+        buffers = [torch.zeros_like(params[0]), torch.zeros_like(params[1]), torch.empty(0)]
+        step_sizes = []
+        for _ in range(3):
+            grads = [torch.randn(s, generator=gen) for s in shapes]
+            step_size, _ = call_step(params, grads, buffers, group_index, group_hparams, 2.5, backend=fn,
+                                     reduce_sums=reduce_sums)
+            step_sizes.append(step_size)
+        states[name] = (params, buffers, step_sizes)
+        gen.manual_seed(1)
+    assert launch_log.count(tk._alig_finalize_kernel) == 6 and len(launch_log) == 12  # 4 launches a step
+    assert calls == [(2, 6)] * 6
+    for tri, ref in zip(states["triton"][0] + states["triton"][1], states["torch"][0] + states["torch"][1]):
+        torch.testing.assert_close(tri, ref, rtol=1e-5, atol=1e-6)
+    for tri, ref in zip(states["triton"][2], states["torch"][2]):
+        torch.testing.assert_close(tri, ref, rtol=1e-5, atol=0)
+
+
+def test_no_tensors_only_finalize(launch_log):
+    """No gradient anywhere: only the finalize runs (step size from G = 0), or it skips."""
+    step_size, skipped = call_step([], [], [], [], [hparams(lr=0.5), hparams()], loss=2.0)
+    assert launch_log == [tk._alig_finalize_kernel]
+    assert step_size.tolist() == [0.5, pytest.approx(2.0 / 1e-5)]
+    assert int(skipped) == 0
+    step_size, skipped = call_step([], [], [], [], [hparams(lr=0.5)], loss=float("nan"))
+    assert step_size.tolist() == [0.0] and int(skipped) == 1
+
+
+def test_tables_cached_until_tensors_change(small_chunks):
+    params = [torch.randn(100), torch.randn(7)]
+    buffers = [torch.zeros(100), torch.empty(0)]
+    cache = {}
+    grads = [torch.randn(100), torch.randn(7)]
+    call_step(params, grads, buffers, [0, 1], [hparams(momentum=0.9), hparams()], 1.0, cache=cache)
+    tables = cache["tables"]
+    assert tables.n_chunks == 3
+    call_step(params, grads, buffers, [0, 1], [hparams(momentum=0.9), hparams(lr=0.1)], 1.0, cache=cache)
+    assert cache["tables"] is tables  # a new lr: a new hparams table, the same tensor table
+    call_step(params, [g.clone() for g in grads], buffers, [0, 1], [hparams(momentum=0.9), hparams()], 1.0, cache=cache)
+    assert cache["tables"] is not tables  # new gradient tensors: rebuilt
+
+
+@pytest.mark.parametrize("what", ["param", "grad"])
+def test_non_contiguous_rejected(what):
+    w = torch.randn(4, 6)
+    g = torch.randn(4, 6)
+    if what == "param":
+        w = torch.randn(6, 4).t()
+    else:
+        g = torch.randn(6, 4).t()
+    with pytest.raises(ValueError, match="not contiguous"):
+        call_step([w], [g], [torch.zeros(4, 6)], [0], [hparams(momentum=0.9)], 1.0)
+
+
+def test_optimizer_rejects_non_contiguous_param():
+    w = torch.randn(6, 4).t().requires_grad_()
+    opt = FusedALIG([w], backend="triton")
+    (w.sum() ** 2).backward()
+    with pytest.raises(ValueError, match="not contiguous"):
+        opt.step(loss=1.0)
+
+
+def test_float64_rejected():
+    with pytest.raises(ValueError, match="float32, bfloat16 and float16"):
+        call_step([torch.zeros(3, dtype=torch.float64)], [torch.ones(3, dtype=torch.float64)], [torch.empty(0)], [0],
+                  [hparams()], 1.0)
+
+
+def test_unaligned_tensors(small_chunks):
+    """Views at odd offsets take the masked path; same result as aligned copies."""
+    base_w, base_g, base_b = torch.randn(200), torch.randn(200), torch.randn(200)
+    views = [t[1:131] for t in (base_w, base_g, base_b)]  # 4-byte offset: not 16-byte aligned
+    copies = [t.clone() for t in views]
+    outside = [base_w[0].clone(), base_w[131:].clone(), base_b[0].clone(), base_b[131:].clone()]
+    group = [hparams(lr=0.5, momentum=0.9, max_norm=4.0)]
+    cache = {}
+    call_step([views[0]], [views[1]], [views[2]], [0], group, 3.0, cache=cache)
+    assert cache["tables"].meta[8 + 7].item() == 0  # first chunk: full length, but unaligned
+    call_step([copies[0]], [copies[1]], [copies[2]], [0], group, 3.0)
+    torch.testing.assert_close(views[0], copies[0], rtol=0, atol=0)
+    torch.testing.assert_close(views[2], copies[2], rtol=0, atol=0)
+    assert bit_identical([base_w[0], base_w[131:], base_b[0], base_b[131:]], outside)  # nothing outside written
+
+
+def test_bf16_stores_round_to_nearest_even():
+    """With the fixture above, an fp32 -> bf16 store rounds as torch (and the GPU) does."""
+    import triton
+
+    @triton.jit
+    def store_kernel(x_ptr, y_ptr, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs))
+
+    x = torch.randn(1024, generator=torch.Generator().manual_seed(0))
+    x[:4] = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, float("inf"), -0.0])  # ties to even, inf, -0
+    y = torch.empty(1024, dtype=torch.bfloat16)
+    store_kernel[(1,)](x, y, N=1024)
+    assert torch.equal(y.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
