@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 
 BACKENDS = ("torch", "triton", "cpp")
+# What the fused kernels store (math in fp32); the torch path takes any floating dtype.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -92,15 +94,23 @@ def supports_sharding(name: str) -> bool:
     return fn is not None and "reduce_sums" in inspect.signature(fn).parameters
 
 
-def pick(requested: str, device: torch.device, sharded: bool = False) -> str:
+def pick(requested: str, device: torch.device, sharded: bool = False, dtypes: frozenset = frozenset()) -> str:
     """Resolve ``"auto"`` (or check a named backend) for parameters on ``device``."""
+    odd_dtypes = sorted(str(d) for d in dtypes if d not in KERNEL_DTYPES)
     if requested != "auto":
         ok, reason = supports(requested, device)
         if not ok:
             raise BackendUnavailableError(reason)
         if sharded and not supports_sharding(requested):
             raise BackendUnavailableError(f"backend {requested!r} does not support sharded (DTensor) parameters")
+        if odd_dtypes and requested != "torch":
+            raise TypeError(
+                f"backend {requested!r} supports float32, bfloat16 and float16 parameters, got {', '.join(odd_dtypes)} "
+                "(backend='torch' takes any floating dtype)"
+            )
         return requested
+    if odd_dtypes:
+        return "torch"
     # GPU: Triton first, then the CUDA extension; CPU: the C++ extension. torch always works.
     order = ("triton", "cpp") if device.type == "cuda" else ("cpp",)
     for name in order:

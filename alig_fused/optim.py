@@ -102,7 +102,8 @@ class FusedALIG(Optimizer):
 
         device = _common_device(p for g in self.param_groups for p in g["params"])  # mixed: an error now
         if backend != "auto" and device is not None:
-            backends.pick(backend, device)  # a named backend that cannot run fails now
+            dtypes = frozenset(p.dtype for g in self.param_groups for p in g["params"])
+            backends.pick(backend, device, dtypes=dtypes)  # a named backend that cannot run fails now
         self._cache: dict = {}
         self._step_sizes: Tensor | None = None
         self._skipped_steps: Tensor | None = None
@@ -190,7 +191,7 @@ class FusedALIG(Optimizer):
         if device is None:  # no gradient anywhere: nothing to do
             return loss
         sharded = distributed.is_sharded(params)
-        backend = backends.pick(self.backend, device, sharded=sharded)
+        backend = backends.pick(self.backend, device, sharded=sharded, dtypes=frozenset(p.dtype for p in params))
         loss_t = _loss_tensor(loss, device)
 
         for p, k in zip(params, group_index):
@@ -258,8 +259,8 @@ class FusedALIG(Optimizer):
         for group in self.param_groups:
             if group["max_norm"] is None or not group["params"]:
                 continue
-            norm = torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in group["params"]]))
-            scale = torch.clamp(group["max_norm"] / norm, max=1.0)
+            norms = [torch.linalg.vector_norm(p.detach(), dtype=torch.float64) for p in group["params"]]
+            scale = torch.clamp(group["max_norm"] / torch.linalg.vector_norm(torch.stack(norms)), max=1.0)
             for p in group["params"]:
                 p.mul_(scale.to(p.dtype))
 

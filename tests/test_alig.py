@@ -32,7 +32,7 @@ def problem_loss(params, targets, active):
     for p, t, on in zip(params, targets, active):
         if on:
             x = p.to(torch.float64)
-            total = total + ((0.2 * torch.tanh(x) + x - t) ** 2).mean()
+            total = total + 0.5 * ((0.2 * torch.tanh(x) + x - t) ** 2).sum()
     return total
 
 
@@ -442,6 +442,18 @@ def test_named_backend_that_cannot_load_says_why(monkeypatch):
         FusedALIG([torch.nn.Parameter(torch.ones(2))], backend="cpp")
     # "auto" passes over it quietly
     assert backends.pick("auto", torch.device("cpu")) in ("torch", "triton")
+
+
+def test_float64_parameters_run_on_the_torch_path():
+    p = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    opt = FusedALIG([p], lr=0.1, momentum=0.9)
+    p.grad = torch.randn(5, dtype=torch.float64)
+    opt.step(loss=1.0)
+    assert opt.last_backend == "torch" and p.dtype == torch.float64
+    for name in ("cpp", "triton"):
+        if backends.supports(name, torch.device("cpu"))[0]:
+            with pytest.raises(TypeError, match="float64"):
+                FusedALIG([p], backend=name)
 
 
 def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
