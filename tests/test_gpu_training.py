@@ -53,7 +53,9 @@ def test_cuda_graph_of_a_full_training_step(name):
     torch.cuda.current_stream().wait_stream(side)
 
     graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)
+    # keep the warm-up's .grad tensors: backward accumulates into them in place, so the
+    # fused backends' cached tensor tables stay valid inside the graph
+    opt.zero_grad(set_to_none=False)
     with torch.cuda.graph(graph):
         static_loss = torch.nn.functional.mse_loss(model(static_x), static_y)
         static_loss.backward()
@@ -61,6 +63,7 @@ def test_cuda_graph_of_a_full_training_step(name):
     for x, y in data[warmup:]:
         static_x.copy_(x)
         static_y.copy_(y)
+        opt.zero_grad(set_to_none=False)  # zeroes the static grads in place (outside the graph)
         graph.replay()
     torch.cuda.synchronize()
     for p, q in zip(model.parameters(), eager_model.parameters()):
