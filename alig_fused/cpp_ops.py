@@ -1,0 +1,121 @@
+"""The C++/CUDA backend: the compiled ops ``torch.ops.alig_fused.alig_step_`` (and its two
+halves for sharded parameters, ``alig_sums`` and ``alig_update_``; csrc/), their fake
+kernels, and ``cpp_alig`` with the signature of ``functional.torch_alig``.
+
+Importing this module loads the extension ``alig_fused._C``; an ImportError or OSError
+(not built, or built against another torch) propagates, and backends.py reports it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+from torch import Tensor
+
+from .functional import GroupHParams, ReduceSums, Sum, hparams_table
+
+__all__ = ["cpp_alig", "has_device"]
+
+_BUILD_ERROR_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C_build_error.txt")
+
+
+def _load_extension():
+    name = f"{__package__}._C"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        if os.path.exists(_BUILD_ERROR_FILE):
+            with open(_BUILD_ERROR_FILE) as f:
+                reason = f.read().strip()
+            raise ImportError(
+                f"building the extension alig_fused._C failed at install time ({reason}); "
+                "`python setup.py build_ext --inplace` shows the compiler's output"
+            ) from exc
+        raise ImportError(
+            "the extension alig_fused._C is not built (torch was missing at install time, or "
+            "ALIG_FUSED_NO_EXT=1): with torch installed, run `pip install --no-build-isolation -e .`"
+        ) from exc
+
+
+_C = _load_extension()
+
+
+@torch.library.register_fake("alig_fused::alig_step_")
+def _alig_step_fake(
+    params, grads, momentum_buffers, group_index, hparams, loss, step_size, skipped_steps, grad_scale, found_inf
+) -> None:
+    """In-place on its inputs, returns nothing: no fake output to make."""
+    return None
+
+
+@torch.library.register_fake("alig_fused::alig_sums")
+def _alig_sums_fake(params, grads, momentum_buffers, group_index, hparams, grad_scale) -> Tensor:
+    return hparams.new_empty((hparams.shape[0], Sum.COUNT))
+
+
+@torch.library.register_fake("alig_fused::alig_update_")
+def _alig_update_fake(
+    params, grads, momentum_buffers, group_index, hparams, sums, loss, step_size, skipped_steps, grad_scale, found_inf
+) -> None:
+    return None
+
+
+def has_device(device_type: str) -> bool:
+    """Whether the compiled extension has kernels for ``device_type`` ("cpu", "cuda")."""
+    if device_type == "cpu":
+        return True
+    if device_type == "cuda":
+        return bool(_C.has_cuda())
+    return False
+
+
+def cpp_alig(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    group_index: list[int],
+    group_hparams: list[GroupHParams],
+    loss: Tensor,
+    step_size_out: Tensor,
+    skipped_steps: Tensor,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    cache: dict | None = None,
+    reduce_sums: ReduceSums | None = None,
+) -> None:
+    """One ALI-G step with the compiled kernels (the signature of ``functional.torch_alig``).
+
+    Tensors must be contiguous (or dense with the same strides as their parameter); the
+    op raises ValueError otherwise. With ``reduce_sums`` (sharded parameters) the step runs
+    as two ops, alig_sums and alig_update_, with ``reduce_sums(sums, loss)`` between them.
+    """
+    hparams = hparams_table(group_hparams, loss.device, cache)
+    if reduce_sums is None:
+        _alig_step(
+            params, grads, momentum_buffers, group_index, hparams, loss, step_size_out, skipped_steps, grad_scale, found_inf
+        )
+        return
+    sums = _alig_sums(params, grads, momentum_buffers, group_index, hparams, grad_scale)
+    sums, loss = reduce_sums(sums, loss)
+    _alig_update(
+        params,
+        grads,
+        momentum_buffers,
+        group_index,
+        hparams,
+        sums.to(torch.float64).contiguous(),
+        loss,
+        step_size_out,
+        skipped_steps,
+        grad_scale,
+        found_inf,
+    )
+
+
+_alig_step = torch.ops.alig_fused.alig_step_.default
+_alig_sums = torch.ops.alig_fused.alig_sums.default
+_alig_update = torch.ops.alig_fused.alig_update_.default

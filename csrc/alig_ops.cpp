@@ -1,0 +1,150 @@
+// The op schemas (alig_fused::alig_step_, alig_sums, alig_update_) and the argument checks
+// shared by their CPU and CUDA kernels. Fake kernels: alig_fused/cpp_ops.py.
+#include "alig_ops.h"
+
+#include <torch/library.h>
+
+namespace alig_fused {
+
+namespace {
+
+DType storage_dtype(const at::Tensor& t, size_t i) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kDouble:
+      return DType::kFloat64;
+    default:
+      TORCH_CHECK_VALUE(false, "alig_fused: params[", i, "] has dtype ", t.scalar_type(),
+                        "; the C++/CUDA kernels take float32, bfloat16, float16 or float64");
+  }
+  return DType::kFloat32;  // unreachable
+}
+
+void check_device(const at::Tensor& t, const at::Device& device, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == device, "alig_fused: ", name, " is on ", t.device(), ", expected ", device,
+                    " (every tensor of the step must be on the parameters' device)");
+}
+
+// Contiguous, or dense with the same strides as the parameter (e.g. channels_last): the
+// kernels walk the three tensors' memory element by element, which is then the same
+// element-for-element walk.
+void check_layout(const at::Tensor& t, const at::Tensor& param, const char* name, size_t i) {
+  TORCH_CHECK_VALUE(t.sizes() == param.sizes(), "alig_fused: ", name, "[", i, "] has shape ", t.sizes(),
+                    ", params[", i, "] has shape ", param.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == param.scalar_type(), "alig_fused: ", name, "[", i, "] has dtype ",
+                    t.scalar_type(), ", params[", i, "] has dtype ", param.scalar_type());
+  const bool same_layout = t.is_contiguous() ? param.is_contiguous() : t.strides() == param.strides();
+  TORCH_CHECK_VALUE(same_layout && t.is_non_overlapping_and_dense(), "alig_fused: ", name, "[", i,
+                    "] is not contiguous (strides ", t.strides(), ", params[", i, "] has strides ",
+                    param.strides(), "); backend='cpp' needs contiguous tensors: call .contiguous() on the "
+                    "parameters and gradients, or use backend='torch'");
+}
+
+at::Tensor scalar_float(const std::optional<at::Tensor>& opt, const at::Device& device, const char* name) {
+  if (!opt.has_value() || !opt->defined()) return {};
+  const at::Tensor& t = *opt;
+  TORCH_CHECK_VALUE(t.numel() == 1 && at::isFloatingType(t.scalar_type()), "alig_fused: ", name,
+                    " must be a floating-point scalar tensor");
+  check_device(t, device, name);
+  return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+}
+
+}  // namespace
+
+StepArgs check_tensor_args(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                           c10::IntArrayRef group_index, const at::Tensor& hparams,
+                           const std::optional<at::Tensor>& grad_scale, c10::DeviceType device_type) {
+  const size_t n = params.size();
+  TORCH_CHECK_VALUE(grads.size() == n && momentum_buffers.size() == n && group_index.size() == n,
+                    "alig_fused: params, grads, momentum_buffers and group_index must have one entry per "
+                    "tensor; got ",
+                    n, ", ", grads.size(), ", ", momentum_buffers.size(), " and ", group_index.size());
+  TORCH_CHECK_VALUE(hparams.dim() == 2 && hparams.size(1) == hparam::kCount && hparams.scalar_type() == at::kDouble &&
+                        hparams.is_contiguous(),
+                    "alig_fused: hparams must be a contiguous float64 tensor of shape [n_groups, ", hparam::kCount,
+                    "] (functional.hparams_table), got ", hparams.scalar_type(), " of shape ", hparams.sizes());
+  TORCH_CHECK_VALUE(hparams.device().type() == device_type, "alig_fused: hparams is on ", hparams.device());
+  const at::Device device = hparams.device();
+
+  StepArgs args;
+  args.n_groups = hparams.size(0);
+  args.hparams = hparams;
+  args.grad_scale = scalar_float(grad_scale, device, "grad_scale");
+  args.tensors.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& param = params[i];
+    const at::Tensor& grad = grads[i];
+    const at::Tensor& buffer = momentum_buffers[i];
+    TORCH_CHECK_VALUE(param.defined() && grad.defined() && buffer.defined(), "alig_fused: tensor ", i,
+                      " is undefined (pass only parameters that have a gradient)");
+    check_device(param, device, "a parameter");
+    check_device(grad, device, "a gradient");
+    TORCH_CHECK_VALUE(0 <= group_index[i] && group_index[i] < args.n_groups, "alig_fused: group_index[", i,
+                      "] = ", group_index[i], " is not in [0, ", args.n_groups, ")");
+    const DType dtype = storage_dtype(param, i);
+    check_layout(param, param, "params", i);
+    check_layout(grad, param, "grads", i);
+    void* buffer_ptr = nullptr;
+    if (buffer.numel() != 0) {
+      check_device(buffer, device, "a momentum buffer");
+      check_layout(buffer, param, "momentum_buffers", i);
+      buffer_ptr = buffer.data_ptr();
+    }
+    args.tensors.push_back({param.data_ptr(), grad.data_ptr(), buffer_ptr, param.numel(), group_index[i], dtype});
+  }
+  return args;
+}
+
+void check_step_scalars(StepArgs& args, const at::Tensor& loss, const at::Tensor& step_size,
+                        const at::Tensor& skipped_steps, const std::optional<at::Tensor>& found_inf) {
+  const at::Device device = args.hparams.device();
+  TORCH_CHECK_VALUE(loss.numel() == 1 && at::isFloatingType(loss.scalar_type()),
+                    "alig_fused: loss must be a floating-point scalar tensor");
+  check_device(loss, device, "loss");
+  args.loss = loss.scalar_type() == at::kDouble ? loss : loss.to(at::kDouble);
+  TORCH_CHECK_VALUE(step_size.scalar_type() == at::kFloat && step_size.numel() == args.n_groups &&
+                        step_size.is_contiguous(),
+                    "alig_fused: step_size must be a contiguous float32 tensor of n_groups = ", args.n_groups,
+                    " elements, got ", step_size.scalar_type(), " of shape ", step_size.sizes());
+  check_device(step_size, device, "step_size");
+  TORCH_CHECK_VALUE(skipped_steps.scalar_type() == at::kLong && skipped_steps.numel() == 1,
+                    "alig_fused: skipped_steps must be an int64 scalar tensor");
+  check_device(skipped_steps, device, "skipped_steps");
+  args.found_inf = scalar_float(found_inf, device, "found_inf");
+}
+
+void check_sums(const StepArgs& args, const at::Tensor& sums) {
+  TORCH_CHECK_VALUE(sums.dim() == 2 && sums.size(0) == args.n_groups && sums.size(1) == sum::kCount &&
+                        sums.scalar_type() == at::kDouble && sums.is_contiguous(),
+                    "alig_fused: sums must be a contiguous float64 tensor of shape [n_groups = ", args.n_groups,
+                    ", ", sum::kCount, "] (alig_sums' result), got ", sums.scalar_type(), " of shape ",
+                    sums.sizes());
+  check_device(sums, args.hparams.device(), "sums");
+}
+
+}  // namespace alig_fused
+
+TORCH_LIBRARY(alig_fused, m) {
+  m.set_python_module("alig_fused.cpp_ops");  // holds the fake kernels
+  // One ALI-G step (docs/backends.md): pass-1 sums, finalize, pass 2. Writes the
+  // parameters, the momentum buffers (an empty tensor = the group has no momentum),
+  // step_size [n_groups] and skipped_steps; nothing else. No host sync on CUDA.
+  m.def(
+      "alig_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, int[] group_index, "
+      "Tensor hparams, Tensor loss, Tensor(c!) step_size, Tensor(d!) skipped_steps, Tensor? grad_scale, "
+      "Tensor? found_inf) -> ()");
+  // The same step in two halves, for sharded parameters: the caller all-reduces the
+  // pass-1 sums [n_groups, 6] (float64) between them.
+  m.def(
+      "alig_sums(Tensor[] params, Tensor[] grads, Tensor[] momentum_buffers, int[] group_index, Tensor hparams, "
+      "Tensor? grad_scale) -> Tensor");
+  m.def(
+      "alig_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, int[] group_index, "
+      "Tensor hparams, Tensor sums, Tensor loss, Tensor(c!) step_size, Tensor(d!) skipped_steps, "
+      "Tensor? grad_scale, Tensor? found_inf) -> ()");
+}

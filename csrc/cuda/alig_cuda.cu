@@ -1,0 +1,550 @@
+// CUDA kernels of alig_fused::alig_step_: three launches per step whatever the number of
+// tensors (pass 1, finalize, pass 2), all on the current stream, no host sync, no atomics.
+// Its halves for sharded parameters: alig_sums (pass 1, reduce) and alig_update_
+// (finalize on the all-reduced sums, pass 2).
+//
+// Device table: ONE int64 tensor per tensor list, built on the host, copied once through
+// pinned memory and cached (TableCache, keyed by the list's pointers, sizes, groups and
+// dtypes; a hit costs one hash of the list). Unlike apex's multi_tensor_apply, which packs
+// pointers into kernel-argument structs (so a model needs one launch per ~100 tensors),
+// the kernels read the table from global memory, so one launch covers any model.
+//
+//   word offset                 contents
+//   0                           tensors: n_tensors rows of kTensorCols words:
+//                                 [param ptr, grad ptr, buffer ptr (0 = no momentum), numel, group, dtype]
+//   tensors_end                 chunks: n_chunks words, (tensor index << 32) | chunk index within the
+//                                 tensor; chunk j of a tensor covers elements [j*kChunk, (j+1)*kChunk),
+//                                 the last one shorter. Sorted by group, then by tensor order.
+//   tensors_end + n_chunks      group_chunks: n_groups + 1 words; group k's chunks are
+//                                 [group_chunks[k], group_chunks[k+1])
+//
+// Per-step scratch (caching allocator, so graph-capturable): partials float [kSums][n_chunks]
+// (column-major, so finalize reads coalesced), sums double [n_groups][kSums], coefs float
+// [n_groups][kCoefs], skip flag int32.
+//
+// Launches (grid = one block per chunk for the passes):
+//   pass1     each block: fp32 sums of its chunk (block tree reduction, fixed order) -> partials
+//   finalize  one block: per group, partials summed in fp64 (fixed order) -> sums; then
+//             functional.finalize (alig_math.h) -> coefs, step_size, skipped_steps, skip flag
+//             (alig_sums stops after the sums; alig_update_ starts from given sums)
+//   pass2     each block: returns at once when skip is set, else one read-modify-write of its chunk
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <list>
+#include <mutex>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "alig_math.h"
+#include "alig_ops.h"
+
+namespace alig_fused {
+namespace {
+
+constexpr int64_t kChunk = 8192;  // elements per block of pass 1 / pass 2
+constexpr int kThreads = 256;     // threads per block of pass 1 / pass 2
+constexpr int kFinalizeThreads = 512;
+constexpr int kVec = 4;  // elements per vector load
+constexpr int kTensorCols = 6;
+enum TensorCol : int { kParam = 0, kGrad, kBuffer, kNumel, kGroup, kDType };
+constexpr size_t kTableCacheSize = 8;
+
+struct DeviceTable {
+  const int64_t* tensors;
+  const int64_t* chunks;
+  const int64_t* group_chunks;
+  int64_t n_chunks;
+  int64_t n_groups;
+};
+
+struct Scratch {
+  float* partials;  // [sum::kCount][n_chunks]
+  double* sums;     // [n_groups][sum::kCount] (alig_step_; the halves use their own)
+  float* coefs;     // [n_groups][coef::kCount]
+  int* skip;
+};
+
+struct StepScalars {
+  const double* hparams;     // [n_groups][hparam::kCount]
+  const double* loss;        // 0-dim
+  const float* grad_scale;   // nullptr = none
+  const float* found_inf;    // nullptr = none
+  float* step_size;          // [n_groups]
+  int64_t* skipped_steps;    // 0-dim
+};
+
+// ---- element access ---------------------------------------------------------------------
+
+template <typename T>
+struct alignas(sizeof(T) * kVec) Pack {
+  T v[kVec];
+};
+
+template <typename T>
+__device__ __forceinline__ bool is_aligned(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % sizeof(Pack<T>) == 0;
+}
+
+struct ChunkRef {
+  int64_t tensor, begin, size, group;
+  DType dtype;
+  const int64_t* row;
+};
+
+__device__ __forceinline__ ChunkRef chunk_ref(const DeviceTable& table, int64_t chunk) {
+  const int64_t entry = table.chunks[chunk];
+  ChunkRef ref;
+  ref.tensor = entry >> 32;
+  ref.row = table.tensors + ref.tensor * kTensorCols;
+  ref.begin = (entry & 0xffffffffLL) * kChunk;
+  const int64_t left = ref.row[kNumel] - ref.begin;
+  ref.size = left < kChunk ? left : kChunk;
+  ref.group = ref.row[kGroup];
+  ref.dtype = static_cast<DType>(ref.row[kDType]);
+  return ref;
+}
+
+template <typename F>
+__device__ __forceinline__ void dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return f(float{});
+    case DType::kBFloat16:
+      return f(c10::BFloat16{});
+    case DType::kFloat16:
+      return f(c10::Half{});
+    case DType::kFloat64:
+      return f(double{});
+  }
+}
+
+// ---- reductions (fixed order: results do not depend on timing) --------------------------
+
+template <int kN, typename Acc>
+__device__ __forceinline__ void block_reduce(Acc (&value)[kN], Acc* shared /* [kN][32] */) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+#pragma unroll
+  for (int i = 0; i < kN; ++i) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) value[i] += __shfl_down_sync(0xffffffffu, value[i], offset);
+    if (lane == 0) shared[i * 32 + warp] = value[i];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) {
+      value[i] = lane < n_warps ? shared[i * 32 + lane] : Acc(0);
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2) value[i] += __shfl_down_sync(0xffffffffu, value[i], offset);
+    }
+  }
+  __syncthreads();  // shared may be reused
+}
+
+// ---- pass 1 -----------------------------------------------------------------------------
+
+template <bool kProj, bool kHasBuffer>
+__device__ __forceinline__ void accumulate(float w, float g, float b, float (&acc)[sum::kCount]) {
+  acc[sum::kGG] += g * g;
+  if (kProj) {
+    acc[sum::kWW] += w * w;
+    acc[sum::kWG] += w * g;
+    if (kHasBuffer) {
+      acc[sum::kBB] += b * b;
+      acc[sum::kWB] += w * b;
+      acc[sum::kBG] += b * g;
+    }
+  }
+}
+
+template <typename T, bool kProj, bool kHasBuffer>
+__device__ void chunk_sums(const T* w, const T* g, const T* b, int64_t n, float inv_scale,
+                           float (&acc)[sum::kCount]) {
+  int64_t vector_end = 0;
+  if (is_aligned(g) && (!kProj || is_aligned(w)) && (!kHasBuffer || is_aligned(b))) {
+    vector_end = n / kVec * kVec;
+    for (int64_t i = threadIdx.x * kVec; i < vector_end; i += kThreads * kVec) {
+      const Pack<T> gp = *reinterpret_cast<const Pack<T>*>(g + i);
+      Pack<T> wp, bp;
+      if (kProj) wp = *reinterpret_cast<const Pack<T>*>(w + i);
+      if (kHasBuffer) bp = *reinterpret_cast<const Pack<T>*>(b + i);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        accumulate<kProj, kHasBuffer>(kProj ? static_cast<float>(wp.v[j]) : 0.0f,
+                                      static_cast<float>(gp.v[j]) * inv_scale,
+                                      kHasBuffer ? static_cast<float>(bp.v[j]) : 0.0f, acc);
+      }
+    }
+  }
+  for (int64_t i = vector_end + threadIdx.x; i < n; i += kThreads) {
+    accumulate<kProj, kHasBuffer>(kProj ? static_cast<float>(w[i]) : 0.0f, static_cast<float>(g[i]) * inv_scale,
+                                  kHasBuffer ? static_cast<float>(b[i]) : 0.0f, acc);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) pass1_kernel(DeviceTable table, Scratch scratch, StepScalars scalars) {
+  __shared__ float shared[sum::kCount * 32];
+  const int64_t chunk = blockIdx.x;
+  const ChunkRef ref = chunk_ref(table, chunk);
+  const bool project = is_finite(scalars.hparams[ref.group * hparam::kCount + hparam::kMaxNorm]);
+  const bool has_buffer = ref.row[kBuffer] != 0;
+  const float inv_scale = inverse_grad_scale(scalars.grad_scale);
+  float acc[sum::kCount] = {};
+  dispatch_dtype(ref.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* w = reinterpret_cast<const T*>(ref.row[kParam]) + ref.begin;
+    const T* g = reinterpret_cast<const T*>(ref.row[kGrad]) + ref.begin;
+    const T* b = has_buffer ? reinterpret_cast<const T*>(ref.row[kBuffer]) + ref.begin : nullptr;
+    if (!project) {
+      chunk_sums<T, false, false>(w, g, b, ref.size, inv_scale, acc);
+    } else if (!has_buffer) {
+      chunk_sums<T, true, false>(w, g, b, ref.size, inv_scale, acc);
+    } else {
+      chunk_sums<T, true, true>(w, g, b, ref.size, inv_scale, acc);
+    }
+  });
+  block_reduce(acc, shared);
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int col = 0; col < sum::kCount; ++col) scratch.partials[col * table.n_chunks + chunk] = acc[col];
+  }
+}
+
+// ---- finalize (one block) ---------------------------------------------------------------
+
+// reduce: partials -> sums (per group, fp64, fixed order). finalize: sums -> G, skip flag,
+// coefs, step_size, skipped_steps (functional.finalize). alig_step_ does both in one
+// launch; alig_sums only the first, alig_update_ only the second (on all-reduced sums).
+__global__ void __launch_bounds__(kFinalizeThreads)
+    finalize_kernel(DeviceTable table, Scratch scratch, StepScalars scalars, double* sums, bool reduce,
+                    bool finalize) {
+  __shared__ double shared[sum::kCount * 32];
+  __shared__ double grad_sq_norm;
+  __shared__ bool skip;
+  if (reduce) {
+    for (int64_t k = 0; k < table.n_groups; ++k) {
+      double acc[sum::kCount] = {};
+      for (int64_t c = table.group_chunks[k] + threadIdx.x; c < table.group_chunks[k + 1]; c += blockDim.x) {
+#pragma unroll
+        for (int col = 0; col < sum::kCount; ++col) acc[col] += scratch.partials[col * table.n_chunks + c];
+      }
+      block_reduce(acc, shared);
+      if (threadIdx.x == 0) {
+#pragma unroll
+        for (int col = 0; col < sum::kCount; ++col) sums[k * sum::kCount + col] = acc[col];
+      }
+    }
+  }
+  if (!finalize) return;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    grad_sq_norm = total_grad_sq_norm(sums, table.n_groups);
+    const bool found_inf = scalars.found_inf != nullptr && *scalars.found_inf > 0;
+    skip = step_is_skipped(*scalars.loss, grad_sq_norm, found_inf);
+    *scratch.skip = skip;
+    if (skip) *scalars.skipped_steps += 1;
+  }
+  __syncthreads();
+  for (int64_t k = threadIdx.x; k < table.n_groups; k += blockDim.x) {
+    const double step_size = finalize_group(scalars.hparams + k * hparam::kCount, sums + k * sum::kCount,
+                                            *scalars.loss, grad_sq_norm, skip, scratch.coefs + k * coef::kCount);
+    scalars.step_size[k] = static_cast<float>(step_size);
+  }
+}
+
+// ---- pass 2 -----------------------------------------------------------------------------
+
+template <typename T, bool kHasBuffer>
+__device__ __forceinline__ void update_at(T& w, const T& g, T* b, float inv_scale, const UpdateCoefs& k) {
+  const float gv = static_cast<float>(g) * inv_scale;
+  if (kHasBuffer) {
+    float wv = static_cast<float>(w), bv = static_cast<float>(*b);
+    update_element(wv, bv, gv, k);
+    *b = static_cast<T>(bv);
+    w = static_cast<T>(wv);
+  } else {
+    w = static_cast<T>(update_element(static_cast<float>(w), gv, k));
+  }
+}
+
+template <typename T, bool kHasBuffer>
+__device__ void chunk_update(T* w, const T* g, T* b, int64_t n, float inv_scale, const UpdateCoefs& k) {
+  int64_t vector_end = 0;
+  if (is_aligned(w) && is_aligned(g) && (!kHasBuffer || is_aligned(b))) {
+    vector_end = n / kVec * kVec;
+    for (int64_t i = threadIdx.x * kVec; i < vector_end; i += kThreads * kVec) {
+      Pack<T> wp = *reinterpret_cast<const Pack<T>*>(w + i);
+      const Pack<T> gp = *reinterpret_cast<const Pack<T>*>(g + i);
+      Pack<T> bp;
+      if (kHasBuffer) bp = *reinterpret_cast<const Pack<T>*>(b + i);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) update_at<T, kHasBuffer>(wp.v[j], gp.v[j], &bp.v[j], inv_scale, k);
+      *reinterpret_cast<Pack<T>*>(w + i) = wp;
+      if (kHasBuffer) *reinterpret_cast<Pack<T>*>(b + i) = bp;
+    }
+  }
+  for (int64_t i = vector_end + threadIdx.x; i < n; i += kThreads) {
+    update_at<T, kHasBuffer>(w[i], g[i], kHasBuffer ? b + i : nullptr, inv_scale, k);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) pass2_kernel(DeviceTable table, Scratch scratch, StepScalars scalars) {
+  if (*scratch.skip) return;  // a skipped step writes nothing (0 * inf = nan)
+  const ChunkRef ref = chunk_ref(table, blockIdx.x);
+  const UpdateCoefs k = load_coefs(scratch.coefs + ref.group * coef::kCount);
+  const float inv_scale = inverse_grad_scale(scalars.grad_scale);
+  const bool has_buffer = ref.row[kBuffer] != 0;
+  dispatch_dtype(ref.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    T* w = reinterpret_cast<T*>(ref.row[kParam]) + ref.begin;
+    const T* g = reinterpret_cast<const T*>(ref.row[kGrad]) + ref.begin;
+    if (has_buffer) {
+      chunk_update<T, true>(w, g, reinterpret_cast<T*>(ref.row[kBuffer]) + ref.begin, ref.size, inv_scale, k);
+    } else {
+      chunk_update<T, false>(w, g, nullptr, ref.size, inv_scale, k);
+    }
+  });
+}
+
+// ---- the device table cache -------------------------------------------------------------
+
+struct CachedTable {
+  std::vector<int64_t> key;  // device index, n_groups, then the tensors section
+  uint64_t hash = 0;
+  at::Tensor host;    // pinned; kept so an in-flight copy always reads live memory
+  at::Tensor device;  // the table the kernels read
+  int64_t n_chunks = 0;
+  bool captured = false;  // used by a CUDA graph capture: never evicted (the graph holds its address)
+};
+
+uint64_t hash_words(const std::vector<int64_t>& words) {
+  uint64_t h = 0x9e3779b97f4a7c15ULL;
+  for (int64_t w : words) {
+    uint64_t x = static_cast<uint64_t>(w) + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+    h ^= x ^ (x >> 31);
+  }
+  return h;
+}
+
+class TableCache {
+ public:
+  // The device table for these tensors (and its chunk count); builds and uploads it
+  // (non-blocking, from pinned memory) on a miss. An entry is dropped once kTableCacheSize
+  // other lists have been used since, unless a CUDA graph capture used it (the graph holds
+  // its address). The returned tensor keeps the memory alive for this step either way.
+  std::pair<at::Tensor, int64_t> get(const StepArgs& args, const at::Device& device, cudaStream_t stream) {
+    std::vector<int64_t> key;
+    key.reserve(2 + args.tensors.size() * kTensorCols);
+    key.push_back(device.index());
+    key.push_back(args.n_groups);
+    for (const TensorEntry& t : args.tensors) {
+      key.insert(key.end(), {static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.param)),
+                             static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.grad)),
+                             static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.buffer)), t.numel, t.group,
+                             static_cast<int64_t>(t.dtype)});
+    }
+    const uint64_t hash = hash_words(key);
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    const bool capturing = capture != cudaStreamCaptureStatusNone;
+
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->hash == hash && it->key == key) {
+        entries_.splice(entries_.begin(), entries_, it);  // most recently used first
+        entries_.front().captured |= capturing;
+        return {entries_.front().device, entries_.front().n_chunks};
+      }
+    }
+    TORCH_CHECK(!capturing,
+                "alig_step_: this list of tensors is new during a CUDA graph capture; run one optimizer step "
+                "with the same parameters and gradients before capturing (warm-up), so that the kernels' "
+                "tensor table is built outside the capture");
+    entries_.push_front(build(std::move(key), hash, args, device));
+    evict();
+    return {entries_.front().device, entries_.front().n_chunks};
+  }
+
+ private:
+  static CachedTable build(std::vector<int64_t> key, uint64_t hash, const StepArgs& args, const at::Device& device) {
+    const int64_t n_tensors = static_cast<int64_t>(args.tensors.size());
+    // Tensors bucketed by group (stable), then chunked: each group's chunks are contiguous.
+    std::vector<std::vector<int64_t>> by_group(args.n_groups);
+    int64_t n_chunks = 0;
+    for (int64_t i = 0; i < n_tensors; ++i) {
+      const TensorEntry& t = args.tensors[i];
+      by_group[t.group].push_back(i);
+      n_chunks += (t.numel + kChunk - 1) / kChunk;
+    }
+    TORCH_CHECK(n_chunks < (int64_t{1} << 31), "alig_step_: too many chunks for one launch (", n_chunks, ")");
+    const int64_t words = n_tensors * kTensorCols + n_chunks + args.n_groups + 1;
+    CachedTable entry;
+    entry.host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    int64_t* out = entry.host.data_ptr<int64_t>();
+    std::copy(key.begin() + 2, key.end(), out);  // the tensors section is the key's tail
+    int64_t* chunks = out + n_tensors * kTensorCols;
+    int64_t* group_chunks = chunks + n_chunks;
+    int64_t c = 0;
+    for (int64_t k = 0; k < args.n_groups; ++k) {
+      group_chunks[k] = c;
+      for (int64_t i : by_group[k]) {
+        const int64_t pieces = (args.tensors[i].numel + kChunk - 1) / kChunk;
+        TORCH_CHECK(pieces < (int64_t{1} << 32), "alig_step_: tensor ", i, " is too large");
+        for (int64_t j = 0; j < pieces; ++j) chunks[c++] = (i << 32) | j;
+      }
+    }
+    group_chunks[args.n_groups] = c;
+    entry.device = at::empty({words}, at::TensorOptions().dtype(at::kLong).device(device));
+    entry.device.copy_(entry.host, /*non_blocking=*/true);
+    entry.key = std::move(key);
+    entry.hash = hash;
+    entry.n_chunks = n_chunks;
+    return entry;
+  }
+
+  void evict() {
+    size_t kept = 0;
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      if (it->captured || ++kept <= kTableCacheSize) {
+        ++it;
+      } else {
+        it = entries_.erase(it);
+      }
+    }
+  }
+
+  std::mutex mutex_;
+  std::list<CachedTable> entries_;
+};
+
+TableCache& table_cache() {
+  static TableCache* cache = new TableCache();  // never destroyed: no CUDA calls at exit
+  return *cache;
+}
+
+// ---- the ops ----------------------------------------------------------------------------
+
+// What every launch of one op call needs; keeps the table and the scratch alive.
+struct Launch {
+  DeviceTable table;
+  Scratch scratch;
+  StepScalars scalars;
+  cudaStream_t stream;
+  at::Tensor table_tensor, scratch_tensor;
+};
+
+Launch prepare(const StepArgs& args) {
+  const at::Device device = args.hparams.device();
+  Launch launch;
+  launch.stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  int64_t n_chunks = 0;
+  std::tie(launch.table_tensor, n_chunks) = table_cache().get(args, device, launch.stream);
+  const int64_t* base = launch.table_tensor.const_data_ptr<int64_t>();
+  const int64_t n_tensors = static_cast<int64_t>(args.tensors.size());
+  launch.table = {base, base + n_tensors * kTensorCols, base + n_tensors * kTensorCols + n_chunks, n_chunks,
+                  args.n_groups};
+
+  // Scratch: [partials f32 | sums f64 | coefs f32 | skip i32], 8-byte aligned sections.
+  const int64_t sums_offset = (sum::kCount * n_chunks * 4 + 7) / 8 * 8;
+  const int64_t coefs_offset = sums_offset + args.n_groups * sum::kCount * 8;
+  const int64_t skip_offset = (coefs_offset + args.n_groups * coef::kCount * 4 + 7) / 8 * 8;
+  launch.scratch_tensor = at::empty({skip_offset + 8}, at::TensorOptions().dtype(at::kByte).device(device));
+  uint8_t* raw = launch.scratch_tensor.data_ptr<uint8_t>();
+  launch.scratch = {reinterpret_cast<float*>(raw), reinterpret_cast<double*>(raw + sums_offset),
+                    reinterpret_cast<float*>(raw + coefs_offset), reinterpret_cast<int*>(raw + skip_offset)};
+  launch.scalars = {args.hparams.const_data_ptr<double>(),
+                    args.loss.defined() ? args.loss.const_data_ptr<double>() : nullptr,
+                    args.grad_scale.defined() ? args.grad_scale.const_data_ptr<float>() : nullptr,
+                    args.found_inf.defined() ? args.found_inf.const_data_ptr<float>() : nullptr,
+                    nullptr,
+                    nullptr};
+  return launch;
+}
+
+void launch_pass1(const Launch& l) {
+  if (l.table.n_chunks == 0) return;
+  pass1_kernel<<<l.table.n_chunks, kThreads, 0, l.stream>>>(l.table, l.scratch, l.scalars);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_finalize(const Launch& l, double* sums, bool reduce, bool finalize) {
+  finalize_kernel<<<1, kFinalizeThreads, 0, l.stream>>>(l.table, l.scratch, l.scalars, sums, reduce, finalize);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_pass2(const Launch& l) {
+  if (l.table.n_chunks == 0) return;
+  pass2_kernel<<<l.table.n_chunks, kThreads, 0, l.stream>>>(l.table, l.scratch, l.scalars);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void set_outputs(Launch& l, const at::Tensor& step_size, const at::Tensor& skipped_steps) {
+  l.scalars.step_size = step_size.data_ptr<float>();
+  l.scalars.skipped_steps = skipped_steps.data_ptr<int64_t>();
+}
+
+void alig_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                    c10::IntArrayRef group_index, const at::Tensor& hparams, const at::Tensor& loss,
+                    const at::Tensor& step_size, const at::Tensor& skipped_steps,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  StepArgs args =
+      check_tensor_args(params, grads, momentum_buffers, group_index, hparams, grad_scale, c10::DeviceType::CUDA);
+  check_step_scalars(args, loss, step_size, skipped_steps, found_inf);
+  const c10::cuda::CUDAGuard guard(hparams.device());
+  Launch launch = prepare(args);
+  set_outputs(launch, step_size, skipped_steps);
+  launch_pass1(launch);
+  launch_finalize(launch, launch.scratch.sums, /*reduce=*/true, /*finalize=*/true);
+  launch_pass2(launch);
+}
+
+at::Tensor alig_sums_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                          c10::IntArrayRef group_index, const at::Tensor& hparams,
+                          const std::optional<at::Tensor>& grad_scale) {
+  const StepArgs args =
+      check_tensor_args(params, grads, momentum_buffers, group_index, hparams, grad_scale, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(hparams.device());
+  const Launch launch = prepare(args);
+  at::Tensor sums = at::empty({args.n_groups, sum::kCount}, hparams.options());
+  launch_pass1(launch);
+  launch_finalize(launch, sums.data_ptr<double>(), /*reduce=*/true, /*finalize=*/false);
+  return sums;
+}
+
+void alig_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                      c10::IntArrayRef group_index, const at::Tensor& hparams, const at::Tensor& sums,
+                      const at::Tensor& loss, const at::Tensor& step_size, const at::Tensor& skipped_steps,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  StepArgs args =
+      check_tensor_args(params, grads, momentum_buffers, group_index, hparams, grad_scale, c10::DeviceType::CUDA);
+  check_step_scalars(args, loss, step_size, skipped_steps, found_inf);
+  check_sums(args, sums);
+  const c10::cuda::CUDAGuard guard(hparams.device());
+  Launch launch = prepare(args);
+  set_outputs(launch, step_size, skipped_steps);
+  // finalize_kernel only reads the sums when it does not reduce.
+  launch_finalize(launch, const_cast<double*>(sums.const_data_ptr<double>()), /*reduce=*/false, /*finalize=*/true);
+  launch_pass2(launch);
+}
+
+}  // namespace
+}  // namespace alig_fused
+
+TORCH_LIBRARY_IMPL(alig_fused, CUDA, m) {
+  m.impl("alig_step_", &alig_fused::alig_step_cuda);
+  m.impl("alig_sums", &alig_fused::alig_sums_cuda);
+  m.impl("alig_update_", &alig_fused::alig_update_cuda);
+}
