@@ -175,6 +175,10 @@ def torch_alig(
     device = loss.device
     hparams = hparams_table(group_hparams, device, cache)
     by_group = _split_by_group(group_index, n_groups)
+    # Without sharding this path measures ||w'|| after the update (one norm pass, exact by
+    # definition). Sharded, it needs the projection sums before the update so that they
+    # travel in the same single all-reduce as ||g||^2 and the loss (see _dot).
+    analytic_projection = reduce_sums is not None
 
     # Pass 1. Unscaled gradients, math in (at least) fp32.
     grads32 = _as_float32(grads)
@@ -186,7 +190,7 @@ def torch_alig(
             continue
         g = [grads32[i] for i in idx]
         sums[k, Sum.GG] = _sq_norm(g)
-        if math.isfinite(group_hparams[k].max_norm):
+        if analytic_projection and math.isfinite(group_hparams[k].max_norm):
             w = _as_float32([params[i] for i in idx])
             sums[k, Sum.WW] = _sq_norm(w)
             sums[k, Sum.WG] = _dot(w, g)
@@ -202,9 +206,11 @@ def torch_alig(
     step_size_out.copy_(step_size)
     skipped_steps.add_(skip.to(skipped_steps.dtype))
 
-    # Pass 2. A non-finite gradient must not reach the update even with a coefficient of
-    # 0 (0 * inf = nan), and foreach has no select, so on a skipped step the gradients'
-    # bits are zeroed through an integer view; the coefficients are then the identity.
+    # Pass 2: w' = (w + a*b - c*g) * scale (with the old buffer), b' = mu*b - d*g.
+    # A non-finite gradient must not reach the update even with a coefficient of 0
+    # (0 * inf = nan), and foreach has no select: on a skipped step the products c*g and
+    # d*g are zeroed through an integer view of their bits (the coefficients are then the
+    # identity, so w and b come out bit-identical).
     keep_bits = (~skip).to(torch.int32)
     coefs32 = coefs.to(torch.float32)
     for k, idx in enumerate(by_group):
@@ -213,19 +219,21 @@ def torch_alig(
         a, c, d, mu, scale = coefs32[k].unbind()
         w = [params[i] for i in idx]
         w32 = _as_float32(w)
-        g32 = _zero_unless(keep_bits, [grads32[i] for i in idx])
-        # w' = (w + a*b - c*g) * scale  (with the old buffer), then b' = mu*b - d*g
+        g32 = [grads32[i] for i in idx]
         if group_hparams[k].momentum > 0:
             b = [momentum_buffers[i] for i in idx]
             b32 = _as_float32(b)
-            torch._foreach_add_(w32, torch._foreach_mul(b32, a))
-            torch._foreach_sub_(w32, torch._foreach_mul(g32, c))
+            torch._foreach_addcmul_(w32, b32, [a] * len(b32))
+            torch._foreach_sub_(w32, _zero_unless(keep_bits, torch._foreach_mul(g32, c)))
             torch._foreach_mul_(b32, mu)
-            torch._foreach_sub_(b32, torch._foreach_mul(g32, d))
+            torch._foreach_sub_(b32, _zero_unless(keep_bits, torch._foreach_mul(g32, d)))
             _copy_back(b, b32)
         else:
-            torch._foreach_sub_(w32, torch._foreach_mul(g32, c))
+            torch._foreach_sub_(w32, _zero_unless(keep_bits, torch._foreach_mul(g32, c)))
         if math.isfinite(group_hparams[k].max_norm):
+            if not analytic_projection:
+                norm_sq = _sq_norm(w32)
+                scale = torch.where(skip, 1.0, projection_scale(norm_sq, hparams[k, HParam.MAX_NORM])).to(torch.float32)
             torch._foreach_mul_(w32, scale)
         _copy_back(w, w32)
 
@@ -286,9 +294,9 @@ def _copy_back(dst: list[Tensor], src32: list[Tensor]) -> None:
 
 
 def _zero_unless(keep_bits: Tensor, tensors: list[Tensor]) -> list[Tensor]:
-    """tensors unchanged when keep_bits == 1, all-zero bits (finite 0.0) when 0."""
-    views = [t.view(_SAME_SIZE_INT[t.dtype]) for t in tensors]
-    return [v.view(t.dtype) for v, t in zip(torch._foreach_mul(views, keep_bits), tensors)]
+    """In place: tensors unchanged when keep_bits == 1, all-zero bits (0.0) when 0."""
+    torch._foreach_mul_([t.view(_SAME_SIZE_INT[t.dtype]) for t in tensors], keep_bits)
+    return tensors
 
 
 _SAME_SIZE_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
