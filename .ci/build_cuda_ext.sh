@@ -26,7 +26,9 @@ if ! "$CUDA_VENV/bin/python" -c "import torch, sys; sys.exit(torch.version.cuda 
   echo "build_cuda_ext: installing $TORCH_CUDA_SPEC into $CUDA_VENV"
   python_bin=${PYTHON:-python3}
   [ -x "$CUDA_VENV/bin/python" ] || "$python_bin" -m venv "$CUDA_VENV"
-  "$CUDA_VENV/bin/pip" install -q "$TORCH_CUDA_SPEC" setuptools wheel ninja numpy
+  # (grep: drops pip's notes about configured local indexes that do not exist here)
+  "$CUDA_VENV/bin/pip" install -q "$TORCH_CUDA_SPEC" setuptools wheel ninja numpy 2>&1 |
+    { grep -v "^WARNING: Location '.*' is ignored" || true; }
 fi
 installed=$(date +%s)
 "$CUDA_VENV/bin/python" -c "import torch; print('build_cuda_ext: torch', torch.__version__, 'CUDA', torch.version.cuda)"

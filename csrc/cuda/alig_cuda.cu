@@ -30,6 +30,7 @@
 //   pass2     each block: returns at once when skip is set, else one read-modify-write of its chunk
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -326,6 +327,7 @@ struct CachedTable {
   at::Tensor device;  // the table the kernels read
   int64_t n_chunks = 0;
   bool captured = false;  // used by a CUDA graph capture: never evicted (the graph holds its address)
+  std::vector<cudaStream_t> streams;  // streams whose kernels read it (recorded with the allocator)
 };
 
 uint64_t hash_words(const std::vector<int64_t>& words) {
@@ -345,7 +347,8 @@ class TableCache {
   // (non-blocking, from pinned memory) on a miss. An entry is dropped once kTableCacheSize
   // other lists have been used since, unless a CUDA graph capture used it (the graph holds
   // its address). The returned tensor keeps the memory alive for this step either way.
-  std::pair<at::Tensor, int64_t> get(const StepArgs& args, const at::Device& device, cudaStream_t stream) {
+  std::pair<at::Tensor, int64_t> get(const StepArgs& args, const at::Device& device,
+                                     const c10::cuda::CUDAStream& stream) {
     std::vector<int64_t> key;
     key.reserve(2 + args.tensors.size() * kTensorCols);
     key.push_back(device.index());
@@ -358,15 +361,17 @@ class TableCache {
     }
     const uint64_t hash = hash_words(key);
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &capture));
     const bool capturing = capture != cudaStreamCaptureStatusNone;
 
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto it = entries_.begin(); it != entries_.end(); ++it) {
       if (it->hash == hash && it->key == key) {
         entries_.splice(entries_.begin(), entries_, it);  // most recently used first
-        entries_.front().captured |= capturing;
-        return {entries_.front().device, entries_.front().n_chunks};
+        CachedTable& entry = entries_.front();
+        entry.captured |= capturing;
+        use_on(entry, stream);
+        return {entry.device, entry.n_chunks};
       }
     }
     TORCH_CHECK(!capturing,
@@ -374,11 +379,21 @@ class TableCache {
                 "with the same parameters and gradients before capturing (warm-up), so that the kernels' "
                 "tensor table is built outside the capture");
     entries_.push_front(build(std::move(key), hash, args, device));
+    entries_.front().streams.push_back(stream.stream());  // allocated on it
     evict();
     return {entries_.front().device, entries_.front().n_chunks};
   }
 
  private:
+  // Kernels on a stream other than the allocating one read the table: tell the caching
+  // allocator, so that memory freed at eviction waits for them (bookkeeping only, no CUDA
+  // call, so fine during a capture).
+  static void use_on(CachedTable& entry, const c10::cuda::CUDAStream& stream) {
+    if (std::find(entry.streams.begin(), entry.streams.end(), stream.stream()) != entry.streams.end()) return;
+    c10::cuda::CUDACachingAllocator::recordStream(entry.device.storage().data_ptr(), stream);
+    entry.streams.push_back(stream.stream());
+  }
+
   static CachedTable build(std::vector<int64_t> key, uint64_t hash, const StepArgs& args, const at::Device& device) {
     const int64_t n_tensors = static_cast<int64_t>(args.tensors.size());
     // Tensors bucketed by group (stable), then chunked: each group's chunks are contiguous.
@@ -449,9 +464,10 @@ struct Launch {
 Launch prepare(const StepArgs& args) {
   const at::Device device = args.hparams.device();
   Launch launch;
-  launch.stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
+  launch.stream = stream.stream();
   int64_t n_chunks = 0;
-  std::tie(launch.table_tensor, n_chunks) = table_cache().get(args, device, launch.stream);
+  std::tie(launch.table_tensor, n_chunks) = table_cache().get(args, device, stream);
   const int64_t* base = launch.table_tensor.const_data_ptr<int64_t>();
   const int64_t n_tensors = static_cast<int64_t>(args.tensors.size());
   launch.table = {base, base + n_tensors * kTensorCols, base + n_tensors * kTensorCols + n_chunks, n_chunks,
