@@ -173,35 +173,50 @@ class FusedALIG(Optimizer):
                 "call optimizer.step(loss=loss) or optimizer.step(lambda: loss)"
             )
 
+        # One pass over the parameters (this loop is the per-tensor Python cost of a step).
         params, grads, buffers, group_index = [], [], [], []
-        group_hparams = []
+        group_hparams, devices, dtypes, missing_buffers = [], set(), set(), []
+        state = self.state
         for k, group in enumerate(self.param_groups):
             _check_hparams(group, where=f"param group {k}")
-            group_hparams.append(_group_hparams(group))
+            hparams = _group_hparams(group)
+            group_hparams.append(hparams)
+            has_momentum = hparams.momentum > 0
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError("FusedALIG does not support sparse gradients")
                 params.append(p)
-                grads.append(p.grad)
+                grads.append(grad)
                 group_index.append(k)
+                devices.add(p.device)  # autograd keeps each grad on its parameter's device
+                dtypes.add(p.dtype)
+                if has_momentum:
+                    buffer = state[p].get("momentum_buffer") if p in state else None
+                    if buffer is None:
+                        missing_buffers.append(len(buffers))
+                    buffers.append(buffer)
+                else:
+                    buffers.append(None)
 
-        device = _common_device(params + grads)
-        if device is None:  # no gradient anywhere: nothing to do
+        if not params:  # no gradient anywhere: nothing to do
             return loss
+        if len(devices) > 1:
+            raise RuntimeError(_mixed_devices_message(*sorted(map(str, devices))[:2]))
+        (device,) = devices
         sharded = distributed.is_sharded(params)
-        backend = backends.pick(self.backend, device, sharded=sharded, dtypes=frozenset(p.dtype for p in params))
+        backend = backends.pick(self.backend, device, sharded=sharded, dtypes=frozenset(dtypes))
         loss_t = _loss_tensor(loss, device)
 
-        for p, k in zip(params, group_index):
-            if group_hparams[k].momentum > 0:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                buffers.append(state["momentum_buffer"])
-            else:
-                buffers.append(self._no_buffer(p))
+        # Every check has passed: only now create state (bad input changes nothing).
+        for i in missing_buffers:
+            p = params[i]
+            buffers[i] = state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for i, buffer in enumerate(buffers):
+            if buffer is None:
+                buffers[i] = self._no_buffer(params[i])
 
         reduce_sums = None
         if sharded:  # the kernels see local shards; one all-reduce of the sums (and loss)
@@ -318,11 +333,12 @@ def _common_device(tensors: Iterable[Tensor]) -> torch.device | None:
         if device is None:
             device = t.device
         elif t.device != device:
-            raise RuntimeError(
-                f"FusedALIG needs all parameters and gradients on one device; found {device} and {t.device} "
-                "(use one optimizer per device)"
-            )
+            raise RuntimeError(_mixed_devices_message(device, t.device))
     return device
+
+
+def _mixed_devices_message(first: Any, second: Any) -> str:
+    return f"FusedALIG needs all parameters on one device; found {first} and {second} (use one optimizer per device)"
 
 
 def _loss_tensor(loss: Any, device: torch.device) -> Tensor:
