@@ -3,10 +3,17 @@
 Every k inner steps:  slow += alpha * (fast - slow);  fast = slow.
 
 The step counter is a device tensor, so the wrapper never reads it on the host when the
-parameters live on a GPU: there the update runs every step as a masked lerp whose weight is
-alpha on a synchronisation step and 0 otherwise (no branch, CUDA-graph capturable). On the
-CPU the counter is host memory and reading it costs nothing, so the update only runs on
-synchronisation steps.
+parameters live on a GPU. Backends of the update (``backend=``):
+
+- ``"triton"``: one launch per step for the whole model (``triton_lookahead``); the kernel
+  reads the counter, increments it, and touches no parameter unless ``counter % k == 0``.
+  No branch on the host, CUDA-graph capturable. CUDA tensors; CPU tensors only through
+  the Triton interpreter (TRITON_INTERPRET=1, asked for by name).
+- ``"torch"``: on a GPU, a masked lerp pair every step whose weight is alpha on a
+  synchronisation step and 0 otherwise (no branch, capturable); on the CPU the counter is
+  host memory and reading it costs nothing, so the update only runs on synchronisation steps.
+- ``"auto"``: triton for CUDA tensors it can address (one device; float32, bfloat16,
+  float16; contiguous) when triton imports, else torch.
 """
 
 from __future__ import annotations
@@ -18,7 +25,27 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import backends
+from .backends import BackendUnavailableError
+
 __all__ = ["Lookahead"]
+
+BACKENDS = ("auto", "triton", "torch")
+_triton_update: Callable | None = None
+_triton_error = ""
+
+
+def _load_triton() -> Callable | None:
+    """``triton_lookahead.triton_lookahead``, or None (the import error is kept)."""
+    global _triton_update, _triton_error
+    if _triton_update is None and not _triton_error:
+        try:
+            from .triton_lookahead import triton_lookahead  # noqa: WPS433 (imports triton)
+        except Exception as exc:  # ImportError, or triton failing to initialise
+            _triton_error = f"{type(exc).__name__}: {exc}"
+        else:
+            _triton_update = triton_lookahead
+    return _triton_update
 
 
 class Lookahead(Optimizer):
@@ -27,9 +54,13 @@ class Lookahead(Optimizer):
     ``param_groups`` are the inner optimizer's (LR schedulers work on the wrapper);
     ``step`` forwards every argument (``loss=`` included) to the inner step, and GradScaler's
     fused protocol (``grad_scale``/``found_inf``) reaches the inner optimizer.
+    ``backend``: ``"auto"``, ``"triton"`` or ``"torch"`` (module docstring); ``"triton"``
+    asked for where it cannot run raises ``BackendUnavailableError`` with the reason.
     """
 
-    def __init__(self, optimizer: Optimizer, k: int = 5, alpha: float = 0.5):
+    def __init__(self, optimizer: Optimizer, k: int = 5, alpha: float = 0.5, backend: str = "auto"):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown Lookahead backend {backend!r}; choose from {', '.join(map(repr, BACKENDS))}")
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"invalid Lookahead k {k!r}: must be an int >= 1")
         if not 0.0 <= float(alpha) <= 1.0:
@@ -49,8 +80,13 @@ class Lookahead(Optimizer):
         self._optimizer_load_state_dict_pre_hooks = {}
         self._optimizer_load_state_dict_post_hooks = {}
         self._lookahead_step: Tensor | None = None
+        self.backend = backend
+        self.last_backend: str | None = None  # the backend of the last update
+        self._cache: dict = {}  # the triton backend's device tables
         for p in self._params():
             self.state[p]["slow_param"] = p.detach().clone()
+        if backend == "triton" and self._params():
+            self._pick_backend(self._params())  # a named backend that cannot run fails now
 
     @property
     def param_groups(self) -> list[dict]:  # type: ignore[override]
@@ -93,13 +129,52 @@ class Lookahead(Optimizer):
         self._sync_slow_weights()
         return loss
 
+    def _pick_backend(self, fast: list[Tensor]) -> str:
+        """``self.backend`` resolved for these parameters (raises for a named one that cannot run)."""
+        if self.backend == "torch":
+            return "torch"
+        reason = self._triton_unavailable(fast)
+        if not reason:
+            return "triton"
+        if self.backend == "triton":
+            raise BackendUnavailableError(f"Lookahead backend 'triton': {reason}")
+        return "torch"
+
+    def _triton_unavailable(self, fast: list[Tensor]) -> str:
+        """Why the triton update cannot run on these parameters ("" when it can)."""
+        devices = {p.device for p in fast} | {self.lookahead_step.device}
+        if len(devices) > 1:
+            names = ", ".join(sorted(map(str, devices)))
+            return f"the parameters and the step counter are on several devices ({names})"
+        (device,) = devices
+        interpreted = device.type == "cpu" and self.backend == "triton" and backends.triton_interpreting()
+        if device.type != "cuda" and not interpreted:  # decided before importing triton
+            return (f"runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1 and backend='triton'), "
+                    f"not on {device.type}")
+        if _load_triton() is None:
+            return f"triton failed to load: {_triton_error}"
+        if self.backend == "auto":  # a named backend lets the launcher say what it cannot address
+            if any(p.dtype not in backends.KERNEL_DTYPES for p in fast):
+                return "a parameter is not float32, bfloat16 or float16"
+            if any(not p.is_contiguous() or not self.state[p]["slow_param"].is_contiguous() for p in fast):
+                return "a parameter is not contiguous"
+        return ""
+
     def _sync_slow_weights(self) -> None:
         counter = self.lookahead_step
-        counter.add_(1)
-        by_key: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
-        for p in self._params():
+        params = self._params()
+        for p in params:
             if "slow_param" not in self.state[p]:
                 self.state[p]["slow_param"] = p.detach().clone()
+        backend = self._pick_backend(params)
+        self.last_backend = backend
+        if backend == "triton":  # one launch: the counter's increment included
+            slow = [self.state[p]["slow_param"] for p in params]
+            _triton_update(params, slow, counter, self.alpha, self.k, self._cache)
+            return
+        counter.add_(1)
+        by_key: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
+        for p in params:
             fast, slow = by_key.setdefault((p.device, p.dtype), ([], []))
             fast.append(p)
             slow.append(self.state[p]["slow_param"])
@@ -144,4 +219,4 @@ class Lookahead(Optimizer):
             self.state[p]["slow_param"] = p.detach().clone()
 
     def __repr__(self) -> str:
-        return f"Lookahead(k={self.k}, alpha={self.alpha}, optimizer={self.optimizer!r})"
+        return f"Lookahead(k={self.k}, alpha={self.alpha}, backend={self.backend!r}, optimizer={self.optimizer!r})"

@@ -572,6 +572,27 @@ def _build_tables(params, grads, buffers, group_index, n_groups, device, chunk) 
         aligned = all(addr % 16 == 0 for addr in addrs)
         tensors.append([*addrs, w.numel(), k, _DTYPE_CODES[w.dtype], int(has_buffer), int(aligned), w.element_size()])
 
+    host, n_chunks = _chunk_table(tensors, n_groups, chunk)
+    meta = _to_device(host, device)
+    return _Tables(
+        meta=meta,
+        partial=torch.empty((max(n_chunks, 1), Sum.COUNT), dtype=torch.float32, device=device),
+        group_sums=torch.empty((n_groups, Sum.COUNT), dtype=torch.float64, device=device),
+        coefs=torch.empty((max(n_groups, 1), Coef.COUNT), dtype=torch.float32, device=device),
+        skip=torch.empty((1,), dtype=torch.int32, device=device),
+        n_chunks=n_chunks,
+        n_groups=n_groups,
+        chunk=chunk,
+    )
+
+
+def _chunk_table(tensors: list[list[int]], n_groups: int, chunk: int) -> tuple[Tensor, int]:
+    """The host int64 table of the module docstring, and its number of chunks.
+
+    ``tensors``: one row per tensor, [w, g, b addresses, numel, group, dtype code,
+    has_buffer, aligned (the three addresses 16-byte aligned), element size]. Also the
+    table of ``triton_lookahead`` (w = fast, g = b = slow, one group).
+    """
     # Chunk rows, tensors ordered by group (stable), so each group owns one range of chunks.
     info = torch.tensor(tensors, dtype=torch.int64).reshape(len(tensors), 9)
     info = info[torch.sort(info[:, 4], stable=True).indices]
@@ -589,21 +610,14 @@ def _build_tables(params, grads, buffers, group_index, n_groups, device, chunk) 
     group_rows = torch.stack([group_end - chunks_per_group, group_end], dim=1)
     group_offset = _HEADER + _ROW * n_chunks
     header = torch.tensor([n_chunks, n_groups, group_offset, chunk, 0, 0, 0, 0], dtype=torch.int64)
-    host = torch.cat([header, rows.reshape(-1), group_rows.reshape(-1)])
+    return torch.cat([header, rows.reshape(-1), group_rows.reshape(-1)]), n_chunks
+
+
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A host table on ``device``, without a host sync on CUDA (pinned, non-blocking)."""
     if device.type == "cuda":
-        meta = host.pin_memory().to(device, non_blocking=True)  # no host sync
-    else:
-        meta = host.to(device)
-    return _Tables(
-        meta=meta,
-        partial=torch.empty((max(n_chunks, 1), Sum.COUNT), dtype=torch.float32, device=device),
-        group_sums=torch.empty((n_groups, Sum.COUNT), dtype=torch.float64, device=device),
-        coefs=torch.empty((max(n_groups, 1), Coef.COUNT), dtype=torch.float32, device=device),
-        skip=torch.empty((1,), dtype=torch.int32, device=device),
-        n_chunks=n_chunks,
-        n_groups=n_groups,
-        chunk=chunk,
-    )
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 # The kernels hard-code these layouts.

@@ -1,7 +1,8 @@
 """Every Triton kernel of alig_fused compiles to GPU code (sm_80 and sm_90), without a GPU.
 
-The interpreter (tests/test_triton.py) accepts code the compiler rejects, so this test
-compiles, for real, each launch the launcher makes in a few steps: the same kernels,
+The interpreter (tests/test_triton.py, tests/test_triton_lookahead.py) accepts code the
+compiler rejects, so this test compiles, for real, each launch the launchers (the ALI-G
+step, the Lookahead update) make in a few steps: the same kernels,
 signatures, constexprs, pointer-alignment hints and num_warps that the JIT would see. It
 runs in a subprocess with TRITON_INTERPRET unset (the choice is made when triton is
 imported) and a fresh Triton cache, so nothing is skipped as already compiled.
@@ -80,11 +81,38 @@ def _record_launches(tk):
     return launched
 
 
+def _record_lookahead_launches(tla):
+    """The launches of Lookahead updates: fp32, bf16 and fp16 tensors, whole chunks and tails."""
+    import torch
+
+    launched = []
+    tla._launch = lambda kernel, grid, *args, **meta: launched.append((kernel, args, meta))
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    fast = [torch.randn(40000 + 7 * i).to(dtypes[i % 3]) for i in range(6)]
+    slow = [f.clone() for f in fast]
+    tla.triton_lookahead(fast, slow, torch.zeros((), dtype=torch.int64), 0.5, 5, {})
+    return launched
+
+
 def _signature(kernel, args, meta):
     """(signature, constexprs, attrs, options) as the JIT derives them from the arguments."""
+    from triton.runtime.jit import mangle_type
+
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
-        if i < len(args):
+        if i < len(args) and isinstance(args[i], (bool, int, float)):
+            # scalars: ints are specialized (1 -> constexpr, multiples of 16 -> divisibility)
+            # unless listed in do_not_specialize; floats never are
+            arg = args[i]
+            specialize = isinstance(arg, int) and not isinstance(arg, bool) and not kernel.params[i].do_not_specialize
+            if specialize and arg == 1:
+                signature[name] = "constexpr"
+                constexprs[name] = arg
+                continue
+            signature[name] = mangle_type(arg)
+            if specialize and arg % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif i < len(args):
             arg = args[i]
             signature[name] = "*" + _TYPES[str(arg.dtype).removeprefix("torch.")]
             if arg.data_ptr() % 16 == 0:  # what the JIT's specialization adds
@@ -103,24 +131,29 @@ def _main(archs):
     from triton.runtime.jit import JITFunction
 
     from alig_fused import triton_kernels as tk
+    from alig_fused import triton_lookahead as tla
 
     assert os.environ.get("TRITON_INTERPRET", "0") != "1"
-    jit_functions = {name: obj for name, obj in vars(tk).items() if isinstance(obj, JITFunction)}
-    kernels = {k.fn.__name__ for k in tk.KERNELS}
-    assert all(isinstance(k, JITFunction) for k in tk.KERNELS), "the kernels are not compiled JIT functions"
-    # Every @triton.jit function is a kernel or a helper some kernel (transitively) calls,
-    # so compiling the kernels compiles them all.
-    reached, frontier = set(kernels), list(kernels)
-    while frontier:
-        source = jit_functions[frontier.pop()].src
-        for name in jit_functions:
-            if name not in reached and f"{name}(" in source:
-                reached.add(name)
-                frontier.append(name)
-    assert reached == set(jit_functions), f"@triton.jit functions no kernel calls: {set(jit_functions) - reached}"
+    kernels, launched = set(), []
+    for module, record in ((tk, _record_launches), (tla, _record_lookahead_launches)):
+        jit_functions = {name: obj for name, obj in vars(module).items() if isinstance(obj, JITFunction)}
+        module_kernels = {k.fn.__name__ for k in module.KERNELS}
+        assert all(isinstance(k, JITFunction) for k in module.KERNELS), "the kernels are not compiled JIT functions"
+        # Every @triton.jit function of the module is a kernel or a helper some kernel
+        # (transitively) calls, so compiling the kernels compiles them all.
+        reached, frontier = set(module_kernels), list(module_kernels)
+        while frontier:
+            source = jit_functions[frontier.pop()].src
+            for name in jit_functions:
+                if name not in reached and f"{name}(" in source:
+                    reached.add(name)
+                    frontier.append(name)
+        assert reached == set(jit_functions), f"@triton.jit functions no kernel calls: {set(jit_functions) - reached}"
+        kernels |= module_kernels
+        launched += record(module)
 
     seen, compiled, compile_s = set(), [], 0.0
-    for kernel, args, meta in _record_launches(tk):
+    for kernel, args, meta in launched:
         signature, constexprs, attrs, options = _signature(kernel, args, meta)
         key = (kernel.fn.__name__, json.dumps(signature), json.dumps(constexprs), str(attrs), json.dumps(options))
         if key in seen:
@@ -137,11 +170,17 @@ def _main(archs):
             compile_s += seconds
             assert binary.asm["cubin"], f"{kernel.fn.__name__}: empty cubin"
             ptx = binary.asm["ptx"]
-            if kernel in (tk._alig_pass1_kernel, tk._alig_pass2_kernel):
+            if kernel in (tk._alig_pass1_kernel, tk._alig_pass2_kernel, tla._lookahead_kernel):
                 # the aligned whole-chunk path must keep its 16-byte vector accesses
                 assert "ld.global.v4.b32" in ptx, f"{kernel.fn.__name__}: no vectorized loads on sm_{arch}"
-            if kernel is tk._alig_pass2_kernel:
-                assert "st.global.v4.b32" in ptx, f"pass 2: no vectorized stores on sm_{arch}"
+            if kernel in (tk._alig_pass2_kernel, tla._lookahead_kernel):
+                assert "st.global.v4.b32" in ptx, f"{kernel.fn.__name__}: no vectorized stores on sm_{arch}"
+            if kernel is tla._lookahead_kernel:
+                # slow + alpha * (fast - slow) with two roundings: no contraction into an fma
+                assert "fma.rn.f32" not in ptx, f"lookahead: an fp32 fma on sm_{arch}"
+                # the counter protocol needs each scalar atomic made once per program (one thread)
+                atomics = [line.strip() for line in ptx.splitlines() if "atom." in line]
+                assert len(atomics) == 2 and all(line.startswith("@%p") for line in atomics), atomics
             compiled.append((kernel.fn.__name__, arch, round(seconds, 2), constexprs))
     print(json.dumps({"kernels": sorted(kernels), "compiled": compiled, "compile_s": compile_s}))
 
