@@ -550,3 +550,27 @@ def test_no_sync_on_cuda(name):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert opt.last_backend == name
+
+
+def test_grad_scaler_with_bf16_autocast_on_cpu(backend):
+    """bf16 autocast on CPU with GradScaler: the scaled run follows the unscaled one."""
+    runs = {}
+    for scaled in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+        opt = FusedALIG(model.parameters(), lr=0.1, momentum=0.9, max_norm=5.0, backend=backend)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, enabled=scaled)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(8):
+            x, y = torch.randn(16, 8, generator=gen), torch.randn(16, 2, generator=gen)
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = torch.nn.functional.mse_loss(model(x).float(), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt, loss=loss)
+            scaler.update()
+        assert int(opt.skipped_steps) == 0
+        runs[scaled] = [p.detach().clone() for p in model.parameters()]
+    for p, q in zip(runs[True], runs[False]):
+        # a power-of-two scale is exact in bf16: only the unscaling's rounding differs
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
