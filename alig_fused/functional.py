@@ -126,10 +126,19 @@ def finalize(
     ).clamp(min=0)
     scale = projection_scale(new_norm_sq, max_norm)
 
-    coefs = torch.stack([a, c, d, momentum.clone(), scale], dim=1)
-    identity = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0], dtype=torch.float64, device=coefs.device)
-    coefs = torch.where(skip, identity, coefs)
-    step_size = torch.where(skip, torch.zeros_like(step_size), step_size)
+    # On a skipped step: the identity (a = c = d = 0, mu = scale = 1). Python scalars in
+    # torch.where, not a torch.tensor([...]) on the device: that would be a blocking copy.
+    coefs = torch.stack(
+        [
+            torch.where(skip, 0.0, a),
+            torch.where(skip, 0.0, c),
+            torch.where(skip, 0.0, d),
+            torch.where(skip, 1.0, momentum),
+            torch.where(skip, 1.0, scale),
+        ],
+        dim=1,
+    )
+    step_size = torch.where(skip, 0.0, step_size)
     return step_size, coefs, skip
 
 
