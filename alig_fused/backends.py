@@ -129,4 +129,8 @@ def get(name: str) -> Callable:
 def available_backends(device: torch.device | str = "cpu") -> dict[str, str]:
     """{backend: "ok" or the reason it cannot run on ``device``} (for humans and docs)."""
     device = torch.device(device)
-    return {name: (lambda ok_reason: "ok" if ok_reason[0] else ok_reason[1])(supports(name, device)) for name in BACKENDS}
+    status = {}
+    for name in BACKENDS:
+        ok, reason = supports(name, device)
+        status[name] = "ok" if ok else reason
+    return status

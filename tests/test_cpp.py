@@ -137,7 +137,7 @@ def max_error(params, exact):
     """max |p - e| / (1 + |e|): storage ulps grow with |e|."""
     errors = []
     for p, e in zip(params, exact):
-        p, e = p.detach().double(), e.detach().double()
+        p, e = p.detach().double().cpu(), e.detach().double().cpu()
         errors.append(float(((p - e).abs() / (1 + e.abs())).max()))
     return max(errors, default=0.0)
 

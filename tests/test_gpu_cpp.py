@@ -30,6 +30,8 @@ if not _ok:
         raise RuntimeError(f"backend 'cpp' is required here but unavailable on CUDA: {_reason}")
     pytest.skip(f"backend 'cpp' unavailable on CUDA: {_reason}", allow_module_level=True)
 
+from test_cpp import make_problem, max_error  # noqa: E402 (the same problem and error measure)
+
 STEPS = 50
 ATOL = {torch.float32: 2e-6, torch.bfloat16: 8e-2, torch.float16: 8e-3}
 SHAPES = [(7,), (33, 5), (1,), (20001,)]
@@ -44,17 +46,6 @@ CONFIGS = {
         dict(shapes=[(9,)], momentum=0.5, adjusted_momentum=True),
     ],
 }
-
-
-def make_problem(spec, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    groups = []
-    for group in spec:
-        hparams = {k: v for k, v in group.items() if k != "shapes"}
-        start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in group["shapes"]]
-        solution = [0.5 * torch.randn(s, generator=gen, dtype=torch.float64) for s in group["shapes"]]
-        groups.append((start, [0.2 * torch.tanh(x) + x for x in solution], hparams))
-    return groups
 
 
 class Run:
@@ -95,15 +86,6 @@ def run(spec, backend, dtype=torch.float32, steps=STEPS, device=CUDA):
     for _ in range(steps):
         r.step()
     return r
-
-
-def max_error(params, exact):
-    """max |p - e| / (1 + |e|): storage ulps grow with |e| (a capped group is still at |w| ~ 4)."""
-    errors = []
-    for p, e in zip(params, exact):
-        p, e = p.detach().double().cpu(), e.detach().double().cpu()
-        errors.append(float(((p - e).abs() / (1 + e.abs())).max()))
-    return max(errors, default=0.0)
 
 
 def assert_bitwise_equal(a, b):

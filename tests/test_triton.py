@@ -9,18 +9,14 @@ in a constant-trip loop; masked tails) and loops of several iterations run.
 
 from __future__ import annotations
 
-import os
+import math
 
+import pytest
 import torch
 
-# The interpreter must be chosen before triton is imported. With CUDA present the kernels
-# are compiled for the GPU instead and tests/test_gpu_triton.py covers them.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import math  # noqa: E402
-
-import pytest  # noqa: E402
+# tests/conftest.py selects the interpreter (TRITON_INTERPRET=1) before triton is imported
+# when there is no CUDA; with CUDA the kernels are compiled and tests/test_gpu_triton.py
+# covers them.
 
 pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -29,6 +25,7 @@ from alig_fused import FusedALIG  # noqa: E402
 from alig_fused import triton_kernels as tk  # noqa: E402
 from alig_fused.functional import GroupHParams, torch_alig  # noqa: E402
 from reference import ReferenceALIG  # noqa: E402
+from test_alig import FLOOR, trajectory_error  # noqa: E402
 
 try:
     from triton.runtime.interpreter import InterpretedFunction
@@ -42,12 +39,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 STEPS = 50
-# Trajectory tolerance. Every run is compared with the float64 reference loop. Rounding to
-# the storage dtype at each step perturbs the trajectory (and uncapped Polyak steps near
-# the solution amplify that), so the bound is calibrated on the plain loop run in the same
-# storage dtype: the Triton run may be at most 3x further from the exact trajectory than
-# the plain loop, plus a floor of a few storage ulps (relative l2 distance).
-FLOOR = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+# Trajectory tolerance (FLOOR, as in tests/test_alig.py): the Triton run may be at most 3x
+# further from the float64 trajectory than the plain loop run in the same storage dtype,
+# plus a floor of a few storage ulps (relative l2 distance).
 
 
 # ---------------------------------------------------------------------------------------
@@ -98,13 +92,6 @@ class Problem:
         loss = problem_loss(flat, self.targets, active)
         loss.backward()
         return loss
-
-
-def trajectory_error(params, exact):
-    """Relative l2 distance between two lists of tensors (float64)."""
-    diff = math.sqrt(sum(float((p.detach().double() - e.detach().double()).norm()) ** 2 for p, e in zip(params, exact)))
-    scale = math.sqrt(sum(float(e.detach().double().norm()) ** 2 for e in exact))
-    return diff / max(scale, 1e-12)
 
 
 def run(spec, steps, dtype=torch.float32, inactive=None, with_torch=True, **opt_kwargs):

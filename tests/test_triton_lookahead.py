@@ -11,22 +11,18 @@ on a GPU; tests/test_triton_compile.py compiles it for sm_80/sm_90.
 from __future__ import annotations
 
 import copy
-import os
 
+import pytest
 import torch
 
-# The interpreter must be chosen before triton is imported (as in tests/test_triton.py).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
+# tests/conftest.py selects the interpreter (TRITON_INTERPRET=1) before triton is imported.
 
 pytest.importorskip("triton")
 
 from alig_fused import BackendUnavailableError, FusedALIG, Lookahead  # noqa: E402
 from alig_fused import lookahead as lookahead_module  # noqa: E402
 from alig_fused import triton_lookahead as tla  # noqa: E402
-from test_alig import FLOOR, SHAPES, assert_follows_reference, make_groups, problem_loss  # noqa: E402
+from test_alig import SHAPES, assert_follows_reference, make_groups, problem_loss  # noqa: E402
 from test_extras import lookahead_reference  # noqa: E402
 from test_triton import bf16_round_to_nearest_even  # noqa: E402,F401 (autouse: the GPU's fp32 -> bf16 rounding)
 
