@@ -6,7 +6,6 @@ by name raises ``BackendUnavailableError`` carrying the reason (the import or bu
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Callable
 
@@ -88,21 +87,13 @@ def supports(name: str, device: torch.device) -> tuple[bool, str]:
     return False, f"unknown backend {name!r}"
 
 
-def supports_sharding(name: str) -> bool:
-    """Does the backend take ``reduce_sums`` (needed for sharded parameters)?"""
-    fn = load(name)
-    return fn is not None and "reduce_sums" in inspect.signature(fn).parameters
-
-
-def pick(requested: str, device: torch.device, sharded: bool = False, dtypes: frozenset = frozenset()) -> str:
+def pick(requested: str, device: torch.device, dtypes: frozenset = frozenset()) -> str:
     """Resolve ``"auto"`` (or check a named backend) for parameters on ``device``."""
     odd_dtypes = sorted(str(d) for d in dtypes if d not in KERNEL_DTYPES)
     if requested != "auto":
         ok, reason = supports(requested, device)
         if not ok:
             raise BackendUnavailableError(reason)
-        if sharded and not supports_sharding(requested):
-            raise BackendUnavailableError(f"backend {requested!r} does not support sharded (DTensor) parameters")
         if odd_dtypes and requested != "torch":
             raise TypeError(
                 f"backend {requested!r} supports float32, bfloat16 and float16 parameters, got {', '.join(odd_dtypes)} "
@@ -114,7 +105,7 @@ def pick(requested: str, device: torch.device, sharded: bool = False, dtypes: fr
     # GPU: Triton first, then the CUDA extension; CPU: the C++ extension. torch always works.
     order = ("triton", "cpp") if device.type == "cuda" else ("cpp",)
     for name in order:
-        if supports(name, device)[0] and (not sharded or supports_sharding(name)):
+        if supports(name, device)[0]:
             return name
     return "torch"
 

@@ -194,7 +194,7 @@ class FusedALIG(Optimizer):
                 devices.add(p.device)  # autograd keeps each grad on its parameter's device
                 dtypes.add(p.dtype)
                 if has_momentum:
-                    buffer = state[p].get("momentum_buffer") if p in state else None
+                    buffer = state.get(p, {}).get("momentum_buffer")  # .get: no defaultdict entry
                     if buffer is None:
                         missing_buffers.append(len(buffers))
                     buffers.append(buffer)
@@ -207,7 +207,7 @@ class FusedALIG(Optimizer):
             raise RuntimeError(_mixed_devices_message(*sorted(map(str, devices))[:2]))
         (device,) = devices
         sharded = distributed.is_sharded(params)
-        backend = backends.pick(self.backend, device, sharded=sharded, dtypes=frozenset(dtypes))
+        backend = backends.pick(self.backend, device, dtypes=frozenset(dtypes))
         loss_t = _loss_tensor(loss, device)
 
         # Every check has passed: only now create state (bad input changes nothing).
@@ -225,7 +225,6 @@ class FusedALIG(Optimizer):
             params, grads, buffers = (distributed.local_tensors(ts) for ts in (params, grads, buffers))
         elif self.average_loss and distributed.is_initialized():
             loss_t = distributed.average_loss(loss_t, self.process_group)
-        extra = {"reduce_sums": reduce_sums} if reduce_sums is not None else {}
 
         step_sizes = self._step_size_tensor(device)
         grad_scale = getattr(self, "grad_scale", None)
@@ -242,7 +241,7 @@ class FusedALIG(Optimizer):
             grad_scale,
             found_inf,
             self._cache.setdefault(backend, {}),
-            **extra,
+            reduce_sums,
         )
         self.last_backend = backend
         if self.projection_fn is not None:

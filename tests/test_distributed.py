@@ -124,10 +124,6 @@ def test_ddp_replicas_stay_identical_and_match_one_process(dist_backend, tmp_pat
 
 
 def test_fsdp2_sharded_equals_unsharded(dist_backend, tmp_path):
-    from alig_fused import backends
-
-    if not backends.supports_sharding(dist_backend):
-        pytest.skip(f"backend {dist_backend!r} does not take reduce_sums yet (sharded parameters)")
     results = run_ranks("fsdp", dist_backend, tmp_path)
     expected = single_process_run(dist_backend)
     for r in range(WORLD):
