@@ -105,6 +105,7 @@ class FusedALIG(Optimizer):
             dtypes = frozenset(p.dtype for g in self.param_groups for p in g["params"])
             backends.pick(backend, device, dtypes=dtypes)  # a named backend that cannot run fails now
         self._cache: dict = {}
+        self._plan: _StepPlan | None = None
         self._step_sizes: Tensor | None = None
         self._skipped_steps: Tensor | None = None
         self._project_at_start()
@@ -123,6 +124,7 @@ class FusedALIG(Optimizer):
                 raise TypeError(f"FusedALIG needs floating-point parameters, got {p.dtype}")
         _check_hparams(group, where=f"param group {len(self.param_groups) - 1}")
         group.setdefault("step_size", None)
+        self._plan = None
 
     @property
     def skipped_steps(self) -> Tensor:
@@ -153,6 +155,7 @@ class FusedALIG(Optimizer):
                 group.setdefault(key, value)
             _check_hparams(group, where="loaded param group")
         self._step_sizes = None
+        self._plan = None  # new state tensors
         if skipped is not None:
             self._skipped_steps = None
             self.skipped_steps.copy_(skipped)
@@ -173,50 +176,32 @@ class FusedALIG(Optimizer):
                 "call optimizer.step(loss=loss) or optimizer.step(lambda: loss)"
             )
 
-        # One pass over the parameters (this loop is the per-tensor Python cost of a step).
-        params, grads, buffers, group_index = [], [], [], []
-        group_hparams, devices, dtypes, missing_buffers = [], set(), set(), []
-        state = self.state
+        group_hparams = []
         for k, group in enumerate(self.param_groups):
             _check_hparams(group, where=f"param group {k}")
-            hparams = _group_hparams(group)
-            group_hparams.append(hparams)
-            has_momentum = hparams.momentum > 0
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError("FusedALIG does not support sparse gradients")
-                params.append(p)
-                grads.append(grad)
-                group_index.append(k)
-                devices.add(p.device)  # autograd keeps each grad on its parameter's device
-                dtypes.add(p.dtype)
-                if has_momentum:
-                    buffer = state.get(p, {}).get("momentum_buffer")  # .get: no defaultdict entry
-                    if buffer is None:
-                        missing_buffers.append(len(buffers))
-                    buffers.append(buffer)
-                else:
-                    buffers.append(None)
-
-        if not params:  # no gradient anywhere: nothing to do
-            return loss
-        if len(devices) > 1:
-            raise RuntimeError(_mixed_devices_message(*sorted(map(str, devices))[:2]))
-        (device,) = devices
-        sharded = distributed.is_sharded(params)
-        backend = backends.pick(self.backend, device, dtypes=frozenset(dtypes))
+            group_hparams.append(_group_hparams(group))
+        plan = self._plan
+        grads = None
+        if plan is not None and plan.key == self._plan_key(group_hparams):
+            grads = plan.current_grads()
+        if grads is None:  # first step, or the params, their gradients or the state changed
+            plan = self._make_plan(group_hparams)
+            if plan is None:  # no gradient anywhere: nothing to do
+                return loss
+            grads = [p.grad for p in plan.params]
+        params, buffers, device, backend = plan.params, plan.buffers, plan.device, plan.backend
         loss_t = _loss_tensor(loss, device)
 
         # Every check has passed: only now create state (bad input changes nothing).
-        for i in missing_buffers:
-            p = params[i]
-            buffers[i] = state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        for i, buffer in enumerate(buffers):
-            if buffer is None:
-                buffers[i] = self._no_buffer(params[i])
+        if plan.missing_buffers:
+            for i in plan.missing_buffers:
+                p = params[i]
+                buffers[i] = self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            plan.missing_buffers = []
+        if plan is not self._plan:
+            plan.key = self._plan_key(group_hparams)  # after the buffers: len(state) is in it
+            self._plan = plan
+        group_index, sharded = plan.group_index, plan.sharded
 
         reduce_sums = None
         if sharded:  # the kernels see local shards; one all-reduce of the sums (and loss)
@@ -248,6 +233,53 @@ class FusedALIG(Optimizer):
             self.projection_fn()
         return loss
 
+    # -- the step plan: the flat tensor lists, rebuilt only when they may have changed ----
+
+    def _plan_key(self, group_hparams: list[GroupHParams]) -> tuple:
+        # What a plan is built from, cheap to compare every step. Not covered: a parameter
+        # list or a state entry edited in place keeping its length (load_state_dict and
+        # add_param_group drop the plan).
+        state = self.state
+        groups = tuple(
+            (id(group["params"]), len(group["params"]), hparams.momentum > 0)
+            for group, hparams in zip(self.param_groups, group_hparams)
+        )
+        return (self.backend, id(state), len(state), groups)
+
+    def _make_plan(self, group_hparams: list[GroupHParams]) -> _StepPlan | None:
+        """Collect and check every parameter with a gradient; None when there is none."""
+        params, buffers, group_index, without_grad = [], [], [], []
+        devices, dtypes, missing_buffers = set(), set(), []
+        state = self.state
+        for k, group in enumerate(self.param_groups):
+            has_momentum = group_hparams[k].momentum > 0
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    without_grad.append(p)
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError("FusedALIG does not support sparse gradients")
+                params.append(p)
+                group_index.append(k)
+                devices.add(p.device)  # autograd keeps each grad on its parameter's device
+                dtypes.add(p.dtype)
+                if has_momentum:
+                    buffer = state.get(p, {}).get("momentum_buffer")  # .get: no defaultdict entry
+                    if buffer is None:
+                        missing_buffers.append(len(buffers))
+                    buffers.append(buffer)
+                else:
+                    buffers.append(self._no_buffer(p))
+        if not params:
+            return None
+        if len(devices) > 1:
+            raise RuntimeError(_mixed_devices_message(*sorted(map(str, devices))[:2]))
+        (device,) = devices
+        sharded = distributed.is_sharded(params)
+        backend = backends.pick(self.backend, device, dtypes=frozenset(dtypes))
+        return _StepPlan(params, without_grad, buffers, group_index, missing_buffers, device, backend, sharded)
+
     # -- helpers -----------------------------------------------------------------------
 
     def _step_size_tensor(self, device: torch.device) -> Tensor:
@@ -277,6 +309,39 @@ class FusedALIG(Optimizer):
             scale = torch.clamp(group["max_norm"] / torch.linalg.vector_norm(torch.stack(norms)), max=1.0)
             for p in group["params"]:
                 p.mul_(scale.to(p.dtype))
+
+
+class _StepPlan:
+    """The flat lists a step hands its backend, kept from one step to the next.
+
+    ``params`` had a gradient when the plan was made and ``without_grad`` had none; the plan
+    holds while that stays true and the first gradient keeps the plan's device and dtype.
+    Per-tensor device, dtype and layout checks are then left to the backend (each checks
+    every tensor it is given).
+    """
+
+    def __init__(self, params, without_grad, buffers, group_index, missing_buffers, device, backend, sharded):
+        self.key: tuple | None = None
+        self.params: list[Tensor] = params
+        self.without_grad: list[Tensor] = without_grad
+        self.buffers: list[Tensor | None] = buffers
+        self.group_index: list[int] = group_index
+        self.missing_buffers: list[int] = missing_buffers  # indices whose buffer the step creates
+        self.device: torch.device = device
+        self.dtype: torch.dtype = params[0].dtype
+        self.backend: str = backend
+        self.sharded: bool = sharded
+
+    def current_grads(self) -> list[Tensor] | None:
+        """This step's gradients, or None when the plan no longer describes them."""
+        grads = [p.grad for p in self.params]
+        if any(g is None for g in grads) or any(p.grad is not None for p in self.without_grad):
+            return None
+        if grads[0].device != self.device or grads[0].dtype != self.dtype:
+            return None
+        if any(g.is_sparse for g in grads):
+            return None  # the full check raises the error
+        return grads
 
 
 def _group_hparams(group: dict) -> GroupHParams:

@@ -475,6 +475,67 @@ def test_sparse_gradient_is_rejected_and_nothing_changes(backend):
     assert len(opt.state) == 0
 
 
+def test_sparse_gradient_after_steps_is_rejected_and_nothing_changes(backend):
+    """The same once the optimizer has stepped (its cached step plan must not skip the check)."""
+    emb = torch.nn.Embedding(10, 3, sparse=False)
+    dense = torch.nn.Parameter(torch.randn(3))
+    opt = FusedALIG([dense, emb.weight], lr=0.1, momentum=0.9, backend=backend)
+    for _ in range(2):
+        opt.zero_grad()
+        (emb(torch.tensor([1, 2])).pow(2).sum() + dense.pow(2).sum()).backward()
+        opt.step(loss=1.0)
+    before = [t.detach().clone() for t in (dense, emb.weight)]
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in (dense, emb.weight)]
+    emb.weight.grad = torch.sparse_coo_tensor([[1]], torch.ones(1, 3), (10, 3))
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step(loss=1.0)
+    assert torch.equal(before[0], dense.detach()) and torch.equal(before[1], emb.weight.detach())
+    for p, buffer in zip((dense, emb.weight), buffers):
+        assert torch.equal(opt.state[p]["momentum_buffer"], buffer)
+
+
+def test_step_plan_follows_state_and_group_changes(backend):
+    """FusedALIG reuses its flat tensor lists between steps; changes to the state and groups
+    made between steps (state cleared, momentum switched on, a state_dict loaded, a
+    parameter frozen) must still reach the step, as they reach the reference loop."""
+    spec = [(SHAPES[:3], {"lr": 0.05, "momentum": 0.9, "max_norm": 3.0}), (SHAPES[3:], {"lr": 0.05})]
+    groups = make_groups(spec)
+    targets = groups[0][1] + groups[1][1]
+    fused = [t.float().requires_grad_() for g in groups for t in g[0]]
+    exact = [t.clone().requires_grad_() for g in groups for t in g[0]]
+    unchanged = [t.clone().requires_grad_() for g in groups for t in g[0]]
+    opt = FusedALIG([{"params": fused[:3], **spec[0][1]}, {"params": fused[3:], **spec[1][1]}], backend=backend)
+    ref = ReferenceALIG([{"params": exact[:3], **spec[0][1]}, {"params": exact[3:], **spec[1][1]}])
+    ref_unchanged = ReferenceALIG([{"params": unchanged[:3], **spec[0][1]}, {"params": unchanged[3:], **spec[1][1]}])
+    frozen = 4  # from step 8 on, this parameter gets no gradient
+    for step in range(12):
+        if step == 3:  # reset the momentum by clearing the state
+            opt.state.clear()
+            ref.buffers.clear()
+        if step == 5:  # switch momentum on in the second group
+            opt.param_groups[1]["momentum"] = 0.5
+            ref.groups[1]["momentum"] = 0.5
+        if step == 7:  # load a state_dict with halved buffers into the running optimizer
+            saved = copy.deepcopy(opt.state_dict())
+            for entry in saved["state"].values():
+                entry["momentum_buffer"].mul_(0.5)
+            opt.load_state_dict(saved)
+            for buffer in ref.buffers.values():
+                buffer.mul_(0.5)
+        active = [not (step >= 8 and i == frozen) for i in range(len(fused))]
+        for flat, reference in ((fused, None), (exact, ref), (unchanged, ref_unchanged)):
+            for p in flat:
+                p.grad = None
+            loss = problem_loss(flat, targets, active)
+            loss.backward()
+            if reference is None:
+                opt.step(loss=loss)
+            else:
+                reference.step(float(loss.detach()))
+    assert trajectory_error(fused, exact) < 1e-5
+    assert trajectory_error(unchanged, exact) > 1e-3, "the changes must alter the trajectory for this test to mean anything"
+
+
 def test_complex_and_integer_parameters_are_rejected():
     with pytest.raises(TypeError, match="complex"):
         FusedALIG([torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))])
