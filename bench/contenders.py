@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .reference_loop import ReferenceLoopALIG
+from .reference_loop import SCALAR_FIRST_ADD, ModernLoopALIG, ReferenceLoopALIG, l2_projection
 
 class Unsupported(RuntimeError):
     """The contender cannot run on this device or dtype (a skip, not a failure)."""
@@ -118,7 +118,19 @@ def _fused(backend: str) -> Contender:
 
 
 def _build_reference(ws: Workspace, v: Variant) -> Step:
-    opt = ReferenceLoopALIG(ws.params, max_lr=MAX_LR, momentum=v.momentum, max_norm=v.max_norm)
+    params = ws.params
+    projection = None if v.max_norm is None else (lambda: l2_projection(params, v.max_norm))
+    opt = ReferenceLoopALIG(params, max_lr=MAX_LR, momentum=v.momentum, projection_fn=projection)
+    loss = ws.loss
+    return lambda: opt.step(lambda: loss)
+
+
+def _reference_available(device: torch.device) -> str:
+    return "ok" if SCALAR_FIRST_ADD else "this torch no longer accepts add_(Number, Tensor), the reference's call"
+
+
+def _build_modern_loop(ws: Workspace, v: Variant) -> Step:
+    opt = ModernLoopALIG(ws.params, max_lr=MAX_LR, momentum=v.momentum, max_norm=v.max_norm)
     loss = ws.loss
     return lambda: opt.step(lambda: loss)
 
@@ -127,11 +139,11 @@ def _build_pytorch_optimizer(ws: Workspace, v: Variant) -> Step:
     from pytorch_optimizer import AliG
 
     try:
-        from pytorch_optimizer.optimizer.alig import l2_projection
-    except ImportError:  # moved in another release: the same function, ours
-        from .reference_loop import l2_projection
+        from pytorch_optimizer.optimizer.alig import l2_projection as project
+    except ImportError:  # moved in another release: the reference's function
+        project = l2_projection
     params = ws.params
-    projection = None if v.max_norm is None else (lambda: l2_projection(params, v.max_norm))
+    projection = None if v.max_norm is None else (lambda: project(params, v.max_norm))
     opt = AliG(params, max_lr=MAX_LR, momentum=v.momentum, projection_fn=projection)
     loss = ws.loss
     # Its documented call: step(lambda: float(loss)); the float is a host sync.
@@ -185,7 +197,8 @@ CONTENDERS: dict[str, Contender] = {
         _fused("torch"),
         _fused("cpp"),
         _fused("triton"),
-        Contender("ref_loop", "ALI-G reference loop", "alig", _build_reference, _always),
+        Contender("ref_loop", "ALI-G reference loop", "alig", _build_reference, _reference_available),
+        Contender("modern_loop", "ALI-G loop, today's calls", "alig", _build_modern_loop, _always),
         Contender("po_alig", "pytorch_optimizer.AliG", "alig", _build_pytorch_optimizer, _pytorch_optimizer_available),
         Contender("sgd_foreach", "SGD nesterov (foreach)", "baseline", _torch_optim("SGD", "foreach"), _always, 5),
         Contender("sgd_fused", "SGD nesterov (fused)", "baseline", _torch_optim("SGD", "fused"), _always, 5),
@@ -195,4 +208,5 @@ CONTENDERS: dict[str, Contender] = {
     ]
 }
 REFERENCE = "ref_loop"
+MODERN_LOOP = "modern_loop"
 SGD_REFERENCE = "sgd_foreach"

@@ -38,7 +38,7 @@ def test_quick_run_writes_a_report(tmp_path):
     records = data["records"]
     assert records and all(r["status"] in ("ok", "skipped") for r in records), [r for r in records if r["status"] != "ok"][:3]
     ran = {r["contender"] for r in records if r["status"] == "ok"}
-    assert {"fused_torch", "ref_loop", "sgd_foreach", "sgd_fused", "adam_foreach", "adam_fused", "copy"} <= ran
+    assert {"fused_torch", "ref_loop", "modern_loop", "sgd_foreach", "sgd_fused", "adam_foreach", "adam_fused", "copy"} <= ran
     assert {r["set"] for r in records} == {"resnet50", "gpt2", "many_small", "sweep_tensors", "sweep_params"}
     for r in records:
         if r["status"] == "ok":
@@ -69,10 +69,44 @@ def test_derived_numbers():
         dict(base, contender="copy", family="copy", variant="-", transfers_per_element=2, bytes_per_step=8000, median_s=1e-6),
         dict(base, contender="sgd_foreach", family="baseline", variant="-", transfers_per_element=5, bytes_per_step=20000, median_s=4e-6),
         dict(base, contender="ref_loop", family="alig", variant="momentum", transfers_per_element=6, bytes_per_step=24000, median_s=1e-5),
+        dict(base, contender="modern_loop", family="alig", variant="momentum", transfers_per_element=6, bytes_per_step=24000, median_s=7.5e-6),
         dict(base, contender="fused_cpp", family="alig", variant="momentum", transfers_per_element=6, bytes_per_step=24000, median_s=5e-6),
     ]
-    copy, sgd, ref, fused = report.derive(records)
+    copy, sgd, ref, _, fused = report.derive(records)
+    assert fused["speedup_vs_modern_loop"] == pytest.approx(1.5)
     assert copy["gbps"] == pytest.approx(8.0) and copy["copy_fraction"] == pytest.approx(1.0)
     assert fused["gbps"] == pytest.approx(4.8) and fused["copy_fraction"] == pytest.approx(0.6)
     assert fused["speedup_vs_ref"] == pytest.approx(2.0) and fused["speedup_vs_sgd"] == pytest.approx(0.8)
     assert sgd["speedup_vs_ref"] is None and copy["speedup_vs_sgd"] is None
+
+
+@pytest.mark.parametrize("loop", ["ReferenceLoopALIG", "ModernLoopALIG"])
+@pytest.mark.parametrize("momentum, max_norm", [(0.0, None), (0.9, None), (0.9, 3.0)])
+def test_timed_loops_are_alig(loop, momentum, max_norm):
+    """What the benchmark times as "the reference loop" computes ALI-G (tests/reference.py)."""
+    import torch
+    from reference import ReferenceALIG
+
+    from bench import reference_loop
+
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in [(4, 3), (5,), (2, 2, 2)]]
+    timed = [t.clone().requires_grad_() for t in start]
+    exact = [t.clone().requires_grad_() for t in start]
+    if loop == "ReferenceLoopALIG":
+        projection = None if max_norm is None else (lambda: reference_loop.l2_projection(timed, max_norm))
+        opt = reference_loop.ReferenceLoopALIG(timed, max_lr=0.1, momentum=momentum, projection_fn=projection)
+    else:
+        opt = reference_loop.ModernLoopALIG(timed, max_lr=0.1, momentum=momentum, max_norm=max_norm)
+    ref = ReferenceALIG([{"params": exact, "lr": 0.1, "momentum": momentum, "max_norm": max_norm}])
+    for _ in range(5):
+        for params in (timed, exact):
+            for p in params:
+                p.grad = None
+            sum(((p - 0.5) ** 2).sum() for p in params).backward()
+        loss = float(sum(((p.detach() - 0.5) ** 2).sum() for p in exact))
+        opt.step(lambda: torch.tensor(loss, dtype=torch.float64))
+        ref.step(loss)
+    for p, q in zip(timed, exact):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-12)
+    assert not torch.equal(timed[0].detach(), start[0]), "the loop must have moved the parameters"
