@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -195,13 +196,16 @@ inline void block_sums_impl(const T* __restrict__ w, const T* __restrict__ g,
   }
 }
 
-// Pass 2 on n elements, in place: alig_math.h's update_element, lane-wise.
+// Pass 2 on one block of n <= kBlock elements, in place: alig_math.h's update_element,
+// lane-wise. With norm_sq, also adds ||w'||^2 (of the fp32 values, before rounding to
+// storage) to *norm_sq, in the lane order of block_sums_impl.
 template <typename T>
-inline void block_update_impl(T* __restrict__ w, const T* __restrict__ g,
-                                                             T* __restrict__ b, int64_t n, float inv_scale,
-                                                             UpdateCoefs k) {
+inline void block_update_impl(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ b, int64_t n,
+                              float inv_scale, UpdateCoefs k, double* __restrict__ norm_sq) {
   const Lanes inv = Lanes{} + inv_scale, a = Lanes{} + k.a, c = Lanes{} + k.c, d = Lanes{} + k.d,
               mu = Lanes{} + k.mu, scale = Lanes{} + k.scale;
+  const bool measure = norm_sq != nullptr;
+  Lanes ww = {};
   const int64_t n_full = n / kLanes * kLanes;
   if (b != nullptr) {
     for (int64_t i = 0; i < n_full; i += kLanes) {
@@ -209,21 +213,42 @@ inline void block_update_impl(T* __restrict__ w, const T* __restrict__ g,
       Lanes wv = load_lanes(w + i) - c * gv;  // the order of update_element
       wv = wv + a * bv;
       store_lanes(b + i, bv * mu - d * gv);
-      store_lanes(w + i, wv * scale);
+      wv = wv * scale;
+      if (measure) ww += wv * wv;
+      store_lanes(w + i, wv);
     }
-    for (int64_t i = n_full; i < n; ++i) {
+    for (int64_t i = n_full, lane = 0; i < n; ++i, ++lane) {
       float wv = load_one(w + i), bv = load_one(b + i);
       update_element(wv, bv, load_one(g + i) * inv_scale, k);
+      if (measure) ww[lane] += wv * wv;
       store_one(w + i, wv);
       store_one(b + i, bv);
     }
   } else {
     for (int64_t i = 0; i < n_full; i += kLanes) {
       const Lanes gv = load_lanes(g + i) * inv;
-      store_lanes(w + i, (load_lanes(w + i) - c * gv) * scale);
+      const Lanes wv = (load_lanes(w + i) - c * gv) * scale;
+      if (measure) ww += wv * wv;
+      store_lanes(w + i, wv);
     }
-    for (int64_t i = n_full; i < n; ++i) store_one(w + i, update_element(load_one(w + i), load_one(g + i) * inv_scale, k));
+    for (int64_t i = n_full, lane = 0; i < n; ++i, ++lane) {
+      const float wv = update_element(load_one(w + i), load_one(g + i) * inv_scale, k);
+      if (measure) ww[lane] += wv * wv;
+      store_one(w + i, wv);
+    }
   }
+  if (measure) {
+    for (int lane = 0; lane < kLanes; ++lane) *norm_sq += ww[lane];
+  }
+}
+
+// The projection pass on n elements, in place: w = w * scale in fp32.
+template <typename T>
+inline void block_scale_impl(T* __restrict__ w, int64_t n, float scale) {
+  const Lanes s = Lanes{} + scale;
+  const int64_t n_full = n / kLanes * kLanes;
+  for (int64_t i = 0; i < n_full; i += kLanes) store_lanes(w + i, load_lanes(w + i) * s);
+  for (int64_t i = n_full; i < n; ++i) store_one(w + i, load_one(w + i) * scale);
 }
 
 ALIG_MULTIVERSION __attribute__((flatten)) void block_sums_f32(const float* __restrict__ w, const float* __restrict__ g,
@@ -239,13 +264,22 @@ ALIG_MULTIVERSION __attribute__((flatten)) void block_sums_bf16(const c10::BFloa
 }
 
 ALIG_MULTIVERSION __attribute__((flatten)) void block_update_f32(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ b,
-                                        int64_t n, float inv_scale, UpdateCoefs k) {
-  block_update_impl(w, g, b, n, inv_scale, k);
+                                        int64_t n, float inv_scale, UpdateCoefs k, double* norm_sq) {
+  block_update_impl(w, g, b, n, inv_scale, k, norm_sq);
 }
 
 ALIG_MULTIVERSION __attribute__((flatten)) void block_update_bf16(c10::BFloat16* __restrict__ w, const c10::BFloat16* __restrict__ g,
-                                         c10::BFloat16* __restrict__ b, int64_t n, float inv_scale, UpdateCoefs k) {
-  block_update_impl(w, g, b, n, inv_scale, k);
+                                         c10::BFloat16* __restrict__ b, int64_t n, float inv_scale, UpdateCoefs k,
+                                         double* norm_sq) {
+  block_update_impl(w, g, b, n, inv_scale, k, norm_sq);
+}
+
+ALIG_MULTIVERSION __attribute__((flatten)) void block_scale_f32(float* __restrict__ w, int64_t n, float scale) {
+  block_scale_impl(w, n, scale);
+}
+
+ALIG_MULTIVERSION __attribute__((flatten)) void block_scale_bf16(c10::BFloat16* __restrict__ w, int64_t n, float scale) {
+  block_scale_impl(w, n, scale);
 }
 
 // ---- storage <-> fp32 for one block, for fp16 and fp64 (bf16 converts in registers) ------
@@ -301,8 +335,12 @@ __attribute__((target("avx2,f16c"), flatten)) void block_sums_f16(const c10::Hal
 __attribute__((target("avx2,f16c"), flatten)) void block_update_f16(c10::Half* __restrict__ w,
                                                                      const c10::Half* __restrict__ g,
                                                                      c10::Half* __restrict__ b, int64_t n,
-                                                                     float inv_scale, UpdateCoefs k) {
-  block_update_impl(w, g, b, n, inv_scale, k);
+                                                                     float inv_scale, UpdateCoefs k, double* norm_sq) {
+  block_update_impl(w, g, b, n, inv_scale, k, norm_sq);
+}
+
+__attribute__((target("avx2,f16c"), flatten)) void block_scale_f16(c10::Half* __restrict__ w, int64_t n, float scale) {
+  block_scale_impl(w, n, scale);
 }
 #endif
 
@@ -355,28 +393,59 @@ void chunk_sums(const T* w, const T* g, const T* b, int64_t n, float inv_scale, 
   std::copy(total, total + sum::kCount, out);
 }
 
-// Pass 2 on one chunk.
+// Pass 2 on one chunk, block after block. With norm_sq (a group whose projection is
+// measured), *norm_sq = the chunk's ||w'||^2, folded into fp64 every kBlock elements.
 template <typename T>
-void chunk_update(T* w, const T* g, T* b, int64_t n, float inv_scale, UpdateCoefs k) {
+void chunk_update(T* w, const T* g, T* b, int64_t n, float inv_scale, UpdateCoefs k, double* norm_sq) {
+  double total = 0.0;
+  double* block_norm = norm_sq != nullptr ? &total : nullptr;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t size = std::min(kBlock, n - start);
+    T* bs = b != nullptr ? b + start : nullptr;
+    if constexpr (std::is_same_v<T, float>) {
+      block_update_f32(w + start, g + start, bs, size, inv_scale, k, block_norm);
+    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      block_update_bf16(w + start, g + start, bs, size, inv_scale, k, block_norm);
+    } else {
+#ifdef ALIG_HAVE_F16C_PATH
+      if constexpr (std::is_same_v<T, c10::Half>) {
+        if (cpu_has_avx2_f16c()) {
+          block_update_f16(w + start, g + start, bs, size, inv_scale, k, block_norm);
+          continue;
+        }
+      }
+#endif
+      float w32[kBlock], g32[kBlock], b32[kBlock];
+      to_float(w + start, w32, size);
+      to_float(g + start, g32, size);
+      if (bs != nullptr) to_float(bs, b32, size);
+      block_update_f32(w32, g32, bs != nullptr ? b32 : nullptr, size, inv_scale, k, block_norm);
+      from_float(w32, w + start, size);
+      if (bs != nullptr) from_float(b32, bs, size);
+    }
+  }
+  if (norm_sq != nullptr) *norm_sq = total;
+}
+
+// The projection pass on one chunk: w *= scale.
+template <typename T>
+void chunk_scale(T* w, int64_t n, float scale) {
   if constexpr (std::is_same_v<T, float>) {
-    block_update_f32(w, g, b, n, inv_scale, k);
+    block_scale_f32(w, n, scale);
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    block_update_bf16(w, g, b, n, inv_scale, k);
+    block_scale_bf16(w, n, scale);
   } else {
 #ifdef ALIG_HAVE_F16C_PATH
     if constexpr (std::is_same_v<T, c10::Half>) {
-      if (cpu_has_avx2_f16c()) return block_update_f16(w, g, b, n, inv_scale, k);
+      if (cpu_has_avx2_f16c()) return block_scale_f16(w, n, scale);
     }
 #endif
     for (int64_t start = 0; start < n; start += kBlock) {
       const int64_t size = std::min(kBlock, n - start);
-      float w32[kBlock], g32[kBlock], b32[kBlock];
+      float w32[kBlock];
       to_float(w + start, w32, size);
-      to_float(g + start, g32, size);
-      if (b != nullptr) to_float(b + start, b32, size);
-      block_update_f32(w32, g32, b != nullptr ? b32 : nullptr, size, inv_scale, k);
+      block_scale_f32(w32, size, scale);
       from_float(w32, w + start, size);
-      if (b != nullptr) from_float(b32, b + start, size);
     }
   }
 }
@@ -450,8 +519,17 @@ float inv_scale_of(const StepArgs& args) {
   return inverse_grad_scale(args.grad_scale.defined() ? args.grad_scale.const_data_ptr<float>() : nullptr);
 }
 
+// How a group's l2-ball projection gets ||w'||:
+// - kFromSums: DESIGN.md's analytic form from the pass-1 Gram sums (pass 1 also reads w
+//   and b). alig_sums / alig_update_ use it: the sums are what sharded ranks all-reduce.
+// - kMeasured: pass 2 measures ||w'|| of the values it writes and a third pass scales w,
+//   only for groups the ball binds (as the torch path does). On a CPU reading is what
+//   costs (a read-modify-write stream moves its writes almost for free), so this reads
+//   5N instead of 6N with momentum, 4N when the ball does not bind. alig_step_ uses it.
+enum class Projection { kFromSums, kMeasured };
+
 // Pass 1: per-chunk partial sums, then per group in chunk order: [n_groups][sum::kCount].
-std::vector<double> pass1_sums(const StepArgs& args, const ChunkPlan& plan) {
+std::vector<double> pass1_sums(const StepArgs& args, const ChunkPlan& plan, Projection projection) {
   const double* hp = args.hparams.const_data_ptr<double>();
   const float inv_scale = inv_scale_of(args);
   const int64_t n_chunks = static_cast<int64_t>(plan.chunks.size());
@@ -459,7 +537,8 @@ std::vector<double> pass1_sums(const StepArgs& args, const ChunkPlan& plan) {
   for_each_chunk(plan.work_prefix, plan.total_elements, [&](int64_t c) {
     const Chunk& chunk = plan.chunks[c];
     const TensorEntry& t = args.tensors[chunk.tensor];
-    const bool project = is_finite(hp[t.group * hparam::kCount + hparam::kMaxNorm]);
+    const bool project =
+        projection == Projection::kFromSums && is_finite(hp[t.group * hparam::kCount + hparam::kMaxNorm]);
     dispatch_dtype(t.dtype, [&](auto tag) {
       using T = decltype(tag);
       chunk_sums<T>(static_cast<const T*>(t.param) + chunk.begin, static_cast<const T*>(t.grad) + chunk.begin,
@@ -475,37 +554,72 @@ std::vector<double> pass1_sums(const StepArgs& args, const ChunkPlan& plan) {
   return sums;
 }
 
-// Finalize (functional.finalize, alig_math.h) from the sums, then pass 2 unless skipped.
+// Finalize (functional.finalize, alig_math.h) from the sums, then pass 2 (and, measuring
+// the projection, pass 3) unless the step is skipped.
 void finalize_and_update(const StepArgs& args, const ChunkPlan& plan, const double* sums, const at::Tensor& step_size,
-                         const at::Tensor& skipped_steps) {
+                         const at::Tensor& skipped_steps, Projection projection) {
   const int64_t n_groups = args.n_groups;
   const double* hp = args.hparams.const_data_ptr<double>();
   const double loss_value = *args.loss.const_data_ptr<double>();
   const bool found_inf_set = args.found_inf.defined() && *args.found_inf.const_data_ptr<float>() > 0;
   const double grad_sq_norm = total_grad_sq_norm(sums, n_groups);
   const bool skip = step_is_skipped(loss_value, grad_sq_norm, found_inf_set);
+  const bool measured = projection == Projection::kMeasured;
   std::vector<float> coefs(n_groups * coef::kCount);
+  std::vector<char> measure_group(n_groups, 0);
   float* step_size_out = step_size.data_ptr<float>();
   for (int64_t k = 0; k < n_groups; ++k) {
-    step_size_out[k] = static_cast<float>(finalize_group(hp + k * hparam::kCount, sums + k * sum::kCount,
-                                                         loss_value, grad_sq_norm, skip,
-                                                         coefs.data() + k * coef::kCount));
+    double row[hparam::kCount];
+    std::copy(hp + k * hparam::kCount, hp + (k + 1) * hparam::kCount, row);
+    if (measured && is_finite(row[hparam::kMaxNorm])) {
+      measure_group[k] = 1;
+      row[hparam::kMaxNorm] = std::numeric_limits<double>::infinity();  // pass 2 writes w' unscaled; pass 3 scales it
+    }
+    step_size_out[k] = static_cast<float>(
+        finalize_group(row, sums + k * sum::kCount, loss_value, grad_sq_norm, skip, coefs.data() + k * coef::kCount));
   }
   if (skip) {  // nothing is written: a non-finite g must not reach memory (0 * inf = nan)
     *skipped_steps.data_ptr<int64_t>() += 1;
     return;
   }
 
-  // Pass 2: one read-modify-write of parameters and buffers.
+  // Pass 2: one read-modify-write of parameters and buffers (+ ||w'||^2 per chunk).
   const float inv_scale = inv_scale_of(args);
+  const int64_t n_chunks = static_cast<int64_t>(plan.chunks.size());
+  std::vector<double> norm_partials(measured ? n_chunks : 0, 0.0);
   for_each_chunk(plan.work_prefix, plan.total_elements, [&](int64_t c) {
     const Chunk& chunk = plan.chunks[c];
     const TensorEntry& t = args.tensors[chunk.tensor];
     const UpdateCoefs k = load_coefs(coefs.data() + t.group * coef::kCount);
+    double* norm_sq = measured && measure_group[t.group] ? norm_partials.data() + c : nullptr;
     dispatch_dtype(t.dtype, [&](auto tag) {
       using T = decltype(tag);
       chunk_update<T>(static_cast<T*>(t.param) + chunk.begin, static_cast<const T*>(t.grad) + chunk.begin,
-                      t.buffer ? static_cast<T*>(t.buffer) + chunk.begin : nullptr, chunk.size, inv_scale, k);
+                      t.buffer ? static_cast<T*>(t.buffer) + chunk.begin : nullptr, chunk.size, inv_scale, k,
+                      norm_sq);
+    });
+  });
+  if (!measured) return;
+
+  // Pass 3, for the groups the ball binds: w *= min(1, R / ||w'||), ||w'||^2 summed per
+  // group in chunk order.
+  std::vector<double> norm_sq(n_groups, 0.0);
+  for (int64_t c = 0; c < n_chunks; ++c) norm_sq[args.tensors[plan.chunks[c].tensor].group] += norm_partials[c];
+  std::vector<float> scale(n_groups, 1.0f);
+  bool any_binds = false;
+  for (int64_t k = 0; k < n_groups; ++k) {
+    if (!measure_group[k]) continue;
+    scale[k] = static_cast<float>(projection_scale(norm_sq[k], hp[k * hparam::kCount + hparam::kMaxNorm]));
+    any_binds = any_binds || scale[k] != 1.0f;
+  }
+  if (!any_binds) return;
+  for_each_chunk(plan.work_prefix, plan.total_elements, [&](int64_t c) {
+    const Chunk& chunk = plan.chunks[c];
+    const TensorEntry& t = args.tensors[chunk.tensor];
+    if (scale[t.group] == 1.0f) return;
+    dispatch_dtype(t.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      chunk_scale<T>(static_cast<T*>(t.param) + chunk.begin, chunk.size, scale[t.group]);
     });
   });
 }
@@ -518,8 +632,8 @@ void alig_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
       check_tensor_args(params, grads, momentum_buffers, group_index, hparams, grad_scale, c10::DeviceType::CPU);
   check_step_scalars(args, loss, step_size, skipped_steps, found_inf);
   const ChunkPlan plan = plan_chunks(args);
-  const std::vector<double> sums = pass1_sums(args, plan);
-  finalize_and_update(args, plan, sums.data(), step_size, skipped_steps);
+  const std::vector<double> sums = pass1_sums(args, plan, Projection::kMeasured);
+  finalize_and_update(args, plan, sums.data(), step_size, skipped_steps, Projection::kMeasured);
 }
 
 at::Tensor alig_sums_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -527,7 +641,7 @@ at::Tensor alig_sums_cpu(at::TensorList params, at::TensorList grads, at::Tensor
                          const std::optional<at::Tensor>& grad_scale) {
   const StepArgs args =
       check_tensor_args(params, grads, momentum_buffers, group_index, hparams, grad_scale, c10::DeviceType::CPU);
-  const std::vector<double> sums = pass1_sums(args, plan_chunks(args));
+  const std::vector<double> sums = pass1_sums(args, plan_chunks(args), Projection::kFromSums);
   at::Tensor out = at::empty({args.n_groups, sum::kCount}, hparams.options());
   std::copy(sums.begin(), sums.end(), out.data_ptr<double>());
   return out;
@@ -541,7 +655,8 @@ void alig_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList
       check_tensor_args(params, grads, momentum_buffers, group_index, hparams, grad_scale, c10::DeviceType::CPU);
   check_step_scalars(args, loss, step_size, skipped_steps, found_inf);
   check_sums(args, sums);
-  finalize_and_update(args, plan_chunks(args), sums.const_data_ptr<double>(), step_size, skipped_steps);
+  finalize_and_update(args, plan_chunks(args), sums.const_data_ptr<double>(), step_size, skipped_steps,
+                      Projection::kFromSums);
 }
 
 }  // namespace

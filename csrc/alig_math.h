@@ -74,6 +74,12 @@ ALIG_HOST_DEVICE inline bool step_is_skipped(double loss, double grad_sq_norm, b
   return !(is_finite(loss) && is_finite(grad_sq_norm)) || found_inf;
 }
 
+// min(1, R / ||w'||) from ||w'||^2: functional.projection_scale.
+ALIG_HOST_DEVICE inline double projection_scale(double norm_sq, double max_norm) {
+  const double norm = sqrt(norm_sq);
+  return norm > max_norm ? max_norm / norm : 1.0;
+}
+
 // Step size and pass-2 coefficients of one group: functional.finalize, operation for
 // operation in fp64. hp: the group's row of the hparams table; s: its row of the sums.
 // Writes coefs[coef::kCount] (fp32) and returns the step size.
@@ -106,8 +112,7 @@ ALIG_HOST_DEVICE inline double finalize_group(const double* hp, const double* s,
   double new_norm_sq = s[sum::kWW] + a * a * s[sum::kBB] + c * c * s[sum::kGG] + 2 * a * s[sum::kWB] -
                        2 * c * s[sum::kWG] - 2 * a * c * s[sum::kBG];
   new_norm_sq = new_norm_sq < 0.0 ? 0.0 : new_norm_sq;
-  const double norm = sqrt(new_norm_sq);
-  const double scale = norm > max_norm ? max_norm / norm : 1.0;
+  const double scale = projection_scale(new_norm_sq, max_norm);
 
   coefs[coef::kA] = static_cast<float>(a);
   coefs[coef::kC] = static_cast<float>(c);
