@@ -140,7 +140,7 @@ def _how_to_read() -> list[str]:
         "How to read: *ms/step* is the median over rounds of one `step()` with the gradients already",
         "in place (warm-up first; IQR = spread between the 1st and 3rd quartile). *vs ref loop*: how many",
         "times faster than the per-parameter ALI-G loop of the reference repository with the same options",
-        "(its calls transcribed; *vs loop today*: the same loop written with today's torch calls, faster);",
+        "(its calls transcribed; *vs loop today*: the same loop written with today's torch calls);",
         "*vs SGD*: torch SGD (foreach, Nesterov) time / this time (> 1 = faster than SGD). *GB/s* counts",
         "the bytes the algorithm must move, *traffic* x N x element size: ALI-G 6N with momentum, 8N with",
         "momentum and projection, 4N / 5N without momentum; SGD Nesterov 5N; Adam 7N (reads w, g, m, v;",
