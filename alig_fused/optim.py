@@ -335,12 +335,11 @@ class _StepPlan:
     def current_grads(self) -> list[Tensor] | None:
         """This step's gradients, or None when the plan no longer describes them."""
         grads = [p.grad for p in self.params]
-        if any(g is None for g in grads) or any(p.grad is not None for p in self.without_grad):
+        # A sparse gradient also sends the step to _make_plan, whose check raises the error.
+        if any(g is None or g.is_sparse for g in grads) or any(p.grad is not None for p in self.without_grad):
             return None
         if grads[0].device != self.device or grads[0].dtype != self.dtype:
             return None
-        if any(g.is_sparse for g in grads):
-            return None  # the full check raises the error
         return grads
 
 

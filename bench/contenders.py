@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .reference_loop import SCALAR_FIRST_ADD, ModernLoopALIG, ReferenceLoopALIG, l2_projection
+from .reference_loop import NO_SCALAR_FIRST_ADD, SCALAR_FIRST_ADD, ModernLoopALIG, ReferenceLoopALIG, l2_projection
 
 class Unsupported(RuntimeError):
     """The contender cannot run on this device or dtype (a skip, not a failure)."""
@@ -126,7 +126,7 @@ def _build_reference(ws: Workspace, v: Variant) -> Step:
 
 
 def _reference_available(device: torch.device) -> str:
-    return "ok" if SCALAR_FIRST_ADD else "this torch no longer accepts add_(Number, Tensor), the reference's call"
+    return "ok" if SCALAR_FIRST_ADD else NO_SCALAR_FIRST_ADD
 
 
 def _build_modern_loop(ws: Workspace, v: Variant) -> Step:

@@ -32,6 +32,7 @@ def _scalar_first_add_works() -> bool:
 
 
 SCALAR_FIRST_ADD = _scalar_first_add_works()
+NO_SCALAR_FIRST_ADD = "this torch no longer accepts add_(Number, Tensor), the reference's call"
 
 
 @torch.no_grad()
@@ -51,7 +52,7 @@ class ReferenceLoopALIG(torch.optim.Optimizer):
 
     def __init__(self, params, max_lr=None, momentum=0.0, projection_fn=None, eps=1e-5, adjusted_momentum=False):
         if not SCALAR_FIRST_ADD:
-            raise RuntimeError("this torch no longer accepts add_(Number, Tensor), the reference's call")
+            raise RuntimeError(NO_SCALAR_FIRST_ADD)
         params_list = list(params)
         super().__init__(params_list, dict(max_lr=max_lr, momentum=momentum, step_size=None))
         self.adjusted_momentum = adjusted_momentum

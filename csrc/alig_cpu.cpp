@@ -1,11 +1,13 @@
 // CPU kernels of alig_fused::alig_step_ (and of its halves alig_sums / alig_update_):
-// pass 1, finalize and pass 2 over ONE list of fixed-size chunks of all tensors, split
+// pass 1, finalize, pass 2 (and the projection's pass 3) over ONE list of fixed-size
+// chunks of all tensors, split
 // between the intra-op threads by one at::parallel_for per pass (the per-tensor cost is a
 // list entry, not a loop or a fork).
 //
-// Determinism whatever the thread count: a chunk's pass-1 sums are computed alone, in a
-// fixed order (kLanes fp32 lanes, folded into fp64 every kBlock elements), and the
-// per-chunk fp64 partials are added per group in chunk order. How chunks are split
+// Determinism whatever the thread count: a chunk's sums (pass 1, and pass 2's ||w'||^2)
+// are computed alone, in a fixed order (kLanes fp32 lanes, folded into fp64 every kBlock
+// elements), and the per-chunk fp64 partials are added per group in chunk order
+// (sum_by_group). How chunks are split
 // between threads changes nothing.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -519,6 +521,17 @@ float inv_scale_of(const StepArgs& args) {
   return inverse_grad_scale(args.grad_scale.defined() ? args.grad_scale.const_data_ptr<float>() : nullptr);
 }
 
+// Per-chunk partials [n_chunks][width] added per group in chunk order: [n_groups][width].
+std::vector<double> sum_by_group(const StepArgs& args, const ChunkPlan& plan, const std::vector<double>& partials,
+                                 int width) {
+  std::vector<double> sums(args.n_groups * width, 0.0);
+  for (size_t c = 0; c < plan.chunks.size(); ++c) {
+    double* row = sums.data() + args.tensors[plan.chunks[c].tensor].group * width;
+    for (int col = 0; col < width; ++col) row[col] += partials[c * width + col];
+  }
+  return sums;
+}
+
 // How a group's l2-ball projection gets ||w'||:
 // - kFromSums: DESIGN.md's analytic form from the pass-1 Gram sums (pass 1 also reads w
 //   and b). alig_sums / alig_update_ use it: the sums are what sharded ranks all-reduce.
@@ -546,12 +559,7 @@ std::vector<double> pass1_sums(const StepArgs& args, const ChunkPlan& plan, Proj
                     project, partials.data() + c * sum::kCount);
     });
   });
-  std::vector<double> sums(args.n_groups * sum::kCount, 0.0);
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    double* row = sums.data() + args.tensors[plan.chunks[c].tensor].group * sum::kCount;
-    for (int col = 0; col < sum::kCount; ++col) row[col] += partials[c * sum::kCount + col];
-  }
-  return sums;
+  return sum_by_group(args, plan, partials, sum::kCount);
 }
 
 // Finalize (functional.finalize, alig_math.h) from the sums, then pass 2 (and, measuring
@@ -591,7 +599,7 @@ void finalize_and_update(const StepArgs& args, const ChunkPlan& plan, const doub
     const Chunk& chunk = plan.chunks[c];
     const TensorEntry& t = args.tensors[chunk.tensor];
     const UpdateCoefs k = load_coefs(coefs.data() + t.group * coef::kCount);
-    double* norm_sq = measured && measure_group[t.group] ? norm_partials.data() + c : nullptr;
+    double* norm_sq = measure_group[t.group] ? norm_partials.data() + c : nullptr;
     dispatch_dtype(t.dtype, [&](auto tag) {
       using T = decltype(tag);
       chunk_update<T>(static_cast<T*>(t.param) + chunk.begin, static_cast<const T*>(t.grad) + chunk.begin,
@@ -601,10 +609,8 @@ void finalize_and_update(const StepArgs& args, const ChunkPlan& plan, const doub
   });
   if (!measured) return;
 
-  // Pass 3, for the groups the ball binds: w *= min(1, R / ||w'||), ||w'||^2 summed per
-  // group in chunk order.
-  std::vector<double> norm_sq(n_groups, 0.0);
-  for (int64_t c = 0; c < n_chunks; ++c) norm_sq[args.tensors[plan.chunks[c].tensor].group] += norm_partials[c];
+  // Pass 3, for the groups the ball binds: w *= min(1, R / ||w'||).
+  const std::vector<double> norm_sq = sum_by_group(args, plan, norm_partials, 1);
   std::vector<float> scale(n_groups, 1.0f);
   bool any_binds = false;
   for (int64_t k = 0; k < n_groups; ++k) {
