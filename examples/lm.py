@@ -10,7 +10,8 @@ loads this file when it sits beside the installed package). The library does not
   order: the first 90% trains, the next 5% is the validation split (curves, and the choice
   within each sweep), the last 5% the test split (reported once per run at the end, never
   used to choose). The topics are concatenated in sorted order, so the held-out splits are
-  whole topics the model never saw (alphabetically the last ones).
+  topics the model never saw (alphabetically the last ones; one topic is cut at each
+  boundary); with ``--data stdlib`` they are the last source files in path order.
 - Model: a decoder-only transformer written out below: pre-LayerNorm blocks, causal
   self-attention (``F.scaled_dot_product_attention``), a GELU MLP, learned positions, the
   output layer tied to the token embedding.
