@@ -110,6 +110,7 @@ class LMConfig:
     threads: int = 1  # CPU threads (0: torch's default); 1 is steadiest on shared cores
     optimizers: tuple[str, ...] = ("alig", "adamw", "sgd", "momo")
     quiet: bool = False
+    bf16: bool | None = None  # bfloat16 autocast for the forward pass; None: on CUDA only
     warmup_fraction: float = 0.1  # AdamW's and SGD's linear warm-up, then cosine to 0
 
 
@@ -340,7 +341,7 @@ def train(contender: Contender, value: float, splits: Splits, starts: Tensor, cf
     from tqdm import tqdm
 
     steps = starts.shape[0]
-    autocast = device.type == "cuda"
+    autocast = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
     torch.manual_seed(cfg.seed)
     model = GPT(size).to(device)
     matrices, others = param_groups(model)
@@ -667,6 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="FusedALIG's backend (default: auto)")
     parser.add_argument("--optimizers", default=",".join(LMConfig.optimizers),
                         help="comma-separated subset of alig,adamw,sgd,momo (default: all that exist)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bfloat16 autocast for the forward pass (default: on CUDA only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1; 0: torch's default)")
     parser.add_argument("--out", default="lm_out", help="output folder (default: lm_out)")
@@ -692,7 +695,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("alig-fused demo lm: error: --device cuda was asked for, but torch sees no CUDA device", file=sys.stderr)
         return 2
     cfg = LMConfig(size=args.size, steps=args.steps, data=args.data, device=args.device, backend=args.backend,
-                   seed=args.seed, out=args.out, threads=args.threads, optimizers=optimizers, quiet=args.quiet)
+                   seed=args.seed, out=args.out, threads=args.threads, optimizers=optimizers, quiet=args.quiet,
+                   bf16=args.bf16)
     start = time.perf_counter()
     results = run_lm_demo(cfg)
     print(f"device: {results['device']}, FusedALIG backend: {results['alig_backend']}, "
