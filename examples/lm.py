@@ -80,7 +80,7 @@ SIZES = {
     "toy": Size(n_layer=1, n_head=2, d_model=32, context=32, batch=8, steps=12, eval_every=6, eval_tokens=2048,
                 data="topics", final_eval_tokens=4096, alig_max_lr=(0.03, 0.1, 0.3), adamw_lr=(3e-3, 1e-2, 3e-2),
                 sgd_lr=(0.03, 0.1, 0.3), momo_lr=(0.3, 1.0, 3.0)),
-    # The CPU default: 9 runs of 160 steps, ~11 s of one core each (measured on the shared 2-core
+    # The CPU default: 9 runs of 160 steps, ~12 s of one core each (109 s of CPU time in all on the shared 2-core
     # machine). The sweeps are centred on the best of a wider look at this size (160-200 steps):
     # ALI-G max_lr 0.03 (0.1 worse, 1 diverges), AdamW lr 3e-3 (1e-2 and 3e-2 worse), SGD lr
     # 0.03 (0.3 worse, 1 diverges). ALI-G's ball: radius 1x / 1.25x / 1.5x the initial norm of the
