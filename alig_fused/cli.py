@@ -1,16 +1,22 @@
-"""The ``alig-fused`` command: ``alig-fused demo`` and ``alig-fused backends``."""
+"""The ``alig-fused`` command: ``alig-fused demo``, ``alig-fused demo lm`` and ``alig-fused backends``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
 import time
+from types import ModuleType
 from typing import Sequence
 
 from .backends import BACKENDS, BackendUnavailableError
 from .demo import DemoConfig
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "load_lm_example"]
+
+# The language-model demo is an example, not part of the package: examples/lm.py of a clone.
+LM_EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "lm.py")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Train the same small CNN on scikit-learn's bundled digits with FusedALIG "
             "(momentum 0.9, l2-ball max_norm), SGD with a cosine schedule and Adam; print a "
             "summary and write PNG plots, summary.md and results.json to --out. "
-            "Needs the demo extra: pip install 'alig_fused[demo]'."
+            "Needs the demo extra: pip install 'alig_fused[demo]'. "
+            "'alig-fused demo lm [options]' trains a small GPT on text instead (from a clone of the "
+            "repository: examples/lm.py; 'alig-fused demo lm --help' lists its options)."
         ),
     )
     demo.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
@@ -54,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``alig-fused`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["demo", "lm"]:  # the example has its own options
+        return _run_lm_demo(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -86,6 +97,36 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(format_summary_table(results))
     print("wrote " + ", ".join(results["files"].values()))
     return 0
+
+
+def load_lm_example() -> ModuleType | None:
+    """examples/lm.py beside the package (an editable install or a checkout), or None."""
+    if not os.path.isfile(LM_EXAMPLE):
+        return None
+    name = "alig_fused_examples_lm"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, LM_EXAMPLE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file runs
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
+def _run_lm_demo(argv: list[str]) -> int:
+    missing = [name for name in ("matplotlib", "tqdm") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"alig-fused demo lm: error: needs {', '.join(missing)}: pip install 'alig_fused[demo]'", file=sys.stderr)
+        return 2
+    example = load_lm_example()
+    if example is None:
+        print("alig-fused demo lm: error: the language-model demo is an example, not part of the installed "
+              "package; from a clone of the repository run: python -m examples.lm [options]", file=sys.stderr)
+        return 2
+    return example.main(argv)
 
 
 def _run_backends(args: argparse.Namespace) -> int:

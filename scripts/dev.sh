@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh clone:
-#   bash scripts/dev.sh demo    set everything up in .venv, then run the training demo
+#   bash scripts/dev.sh demo    set everything up in .venv, then run the training demos (digits, then
+#                               the small GPT; "demo lm [options]" runs only the GPT one)
 #   bash scripts/dev.sh test    set everything up in .venv, then run every check CI runs
 #   bash scripts/dev.sh bench   set everything up in .venv, then write the benchmark report
 #   bash scripts/dev.sh setup   only set up .venv
@@ -58,7 +59,9 @@ cmd=${1:-test}
 shift || true
 case "$cmd" in
     setup) setup ;;
-    demo) setup; "$VENV/bin/alig-fused" demo "$@" ;;
+    demo) setup
+        if [ "${1:-}" = lm ]; then "$VENV/bin/alig-fused" demo "$@"
+        else "$VENV/bin/alig-fused" demo "$@" && "$VENV/bin/alig-fused" demo lm --out lm_out; fi ;;
     test) export ALIG_FUSED_EXT_REQUIRED=1; setup; run_tests "$@" ;;
     bench) setup; "$VENV/bin/python" -m bench "$@" ;;
     *) echo "usage: bash scripts/dev.sh {demo|test|bench|setup} [args...]" >&2; exit 2 ;;

@@ -1,0 +1,1 @@
+"""Examples that use alig_fused; not part of the installed package."""
