@@ -117,7 +117,10 @@ class FusedALIG(Optimizer):
         self._plan: _StepPlan | None = None
         self._step_sizes: Tensor | None = None
         self._skipped_steps: Tensor | None = None
-        self._pending_loss: Tensor | None = None  # accumulate_loss's running sum, this step's
+        # accumulate_loss's running sum: one tensor kept across steps (a CUDA graph that
+        # captured the step reads it at the same address), live while _loss_pending.
+        self._loss_sum: Tensor | None = None
+        self._loss_pending = False
         self._warned_no_grad = False
         self.last_backend: str | None = None  # the backend of the last step
         self._project_at_start()
@@ -183,15 +186,19 @@ class FusedALIG(Optimizer):
         """
         plan = self._plan
         device = plan.device if plan is not None else self._params_device()
-        value = _loss_tensor(loss, device, copy=True)  # a copy: the sum is added to in place
-        if self._pending_loss is None:
-            self._pending_loss = value
+        value = _loss_tensor(loss, device)
+        total = self._loss_sum
+        if total is None or total.device != value.device:
+            total = self._loss_sum = torch.zeros((), dtype=torch.float64, device=value.device)
+        if self._loss_pending:
+            total.add_(value)
         else:
-            self._pending_loss.add_(value.to(self._pending_loss.device))
+            total.copy_(value)
+            self._loss_pending = True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         # The gradients go, and with them the function they were the gradient of.
-        self._pending_loss = None
+        self._loss_pending = False
         super().zero_grad(set_to_none)
 
     @torch.no_grad()
@@ -203,8 +210,11 @@ class FusedALIG(Optimizer):
         if closure is not None:  # it may run the last backward (and accumulate its loss)
             with torch.enable_grad():
                 closure_loss = closure()
-        if loss is None:
-            loss = self._pending_loss if self._pending_loss is not None else closure_loss
+        from_sum = loss is None and self._loss_pending
+        if from_sum:
+            loss = self._loss_sum
+        elif loss is None:
+            loss = closure_loss
         if loss is None:
             raise ValueError(
                 "FusedALIG needs the current loss to compute its step size: call "
@@ -212,7 +222,9 @@ class FusedALIG(Optimizer):
                 "or optimizer.step(loss=loss), or optimizer.step(closure) with a closure that "
                 "returns the loss"
             )
-        returned = closure_loss if closure_loss is not None else loss  # torch's: the closure's value
+        # torch's convention: the closure's value; else the loss used (the sum's value, as the
+        # sum tensor itself is overwritten by the next accumulate_loss).
+        returned = closure_loss if closure_loss is not None else loss.clone() if from_sum else loss
 
         group_hparams = []
         for k, group in enumerate(self.param_groups):
@@ -225,7 +237,7 @@ class FusedALIG(Optimizer):
         if grads is None:  # first step, or the params, their gradients or the state changed
             plan = self._make_plan(group_hparams)
             if plan is None:  # no gradient anywhere: nothing to do
-                self._pending_loss = None
+                self._loss_pending = False
                 if not self._warned_no_grad:
                     self._warned_no_grad = True
                     warnings.warn(
@@ -239,7 +251,7 @@ class FusedALIG(Optimizer):
         loss_t = _loss_tensor(loss, device)
 
         # Every check has passed: only now create state and reset the sum (bad input changes nothing).
-        self._pending_loss = None
+        self._loss_pending = False
         if plan.missing_buffers:
             for i in plan.missing_buffers:
                 p = params[i]
@@ -454,7 +466,7 @@ def _mixed_devices_message(first: Any, second: Any) -> str:
     return f"FusedALIG needs all parameters on one device; found {first} and {second} (use one optimizer per device)"
 
 
-def _loss_tensor(loss: Any, device: torch.device, copy: bool = False) -> Tensor:
+def _loss_tensor(loss: Any, device: torch.device) -> Tensor:
     """The loss as a 0-dim float64 tensor on ``device``, without a device sync."""
     if isinstance(loss, Tensor):
         if loss.numel() != 1:
@@ -463,7 +475,7 @@ def _loss_tensor(loss: Any, device: torch.device, copy: bool = False) -> Tensor:
             raise TypeError("the loss must be real, got a complex tensor")
         loss = loss.detach().reshape(())
         if loss.device == device:
-            return loss.to(torch.float64, copy=copy)
+            return loss.to(torch.float64)
         if loss.device.type == "cpu":  # host memory: reading it syncs nothing
             return torch.full((), loss.item(), dtype=torch.float64, device=device)
         return loss.to(device=device, dtype=torch.float64)

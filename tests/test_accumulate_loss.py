@@ -146,11 +146,16 @@ def test_accumulate_loss_copies_and_detaches():
     opt.accumulate_loss(mine)
     opt.accumulate_loss(mine)
     opt.accumulate_loss(np.float32(0.25))
-    assert mine.item() == 0.5 and opt._pending_loss.item() == 1.25 and not opt._pending_loss.requires_grad
-    assert opt._pending_loss.dtype == torch.float64 and opt._pending_loss.device == p.device
+    total = opt._loss_sum
+    assert mine.item() == 0.5 and total.item() == 1.25 and not total.requires_grad
+    assert total.dtype == torch.float64 and total.device == p.device
     with pytest.raises(ValueError, match="scalar"):
         opt.accumulate_loss(torch.ones(2))
-    assert opt._pending_loss.item() == 1.25  # a rejected loss adds nothing
+    assert total.item() == 1.25  # a rejected loss adds nothing
+    p.grad = torch.ones(3)
+    returned = opt.step()
+    opt.accumulate_loss(0.75)  # the next sum starts afresh, in the same tensor
+    assert opt._loss_sum is total and total.item() == 0.75 and returned.item() == 1.25
     state = opt.state_dict()  # the pending sum is not state: it belongs to the current gradients
     assert not any(isinstance(v, torch.Tensor) and v.item() == 1.25 for v in state.values())
 
