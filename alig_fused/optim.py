@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -47,8 +49,12 @@ class FusedALIG(Optimizer):
             (each rank sees its own loss, so without it the replicas would drift apart).
             Sharded (DTensor/FSDP2) parameters always reduce the pass-1 sums across ranks.
 
-    ``step(closure=None, *, loss=None)`` takes the loss as ``loss=`` (a number or a 0-dim
-    tensor, preferably on the parameters' device) or from ``closure()``. The step size
+    The loss of a step is the sum of every tensor ``backward()`` was called on since the last
+    step (or ``zero_grad``), the function whose gradient is in ``.grad``. ``step(closure=None,
+    *, loss=None)`` runs ``closure()`` first, if given; then the loss is ``loss=`` if given,
+    else the sum of the losses handed to :meth:`accumulate_loss` since the last step, else
+    what the closure returned (a number, a numpy scalar or a 0-dim tensor, preferably on the
+    parameters' device). The step size
     stays on the device: ``group["step_size"]`` (a 0-dim tensor per group) and
     ``skipped_steps`` (steps skipped for a non-finite loss or gradient) can be logged
     without forcing a sync. Parameters whose ``grad`` is None are left alone.
@@ -73,7 +79,10 @@ class FusedALIG(Optimizer):
         max_lr: float | None = _UNSET,
         process_group: Any = None,
         average_loss: bool = True,
+        **unsupported: Any,
     ):
+        if unsupported:
+            raise TypeError(_unsupported_arguments_message(unsupported))
         if lr is not _UNSET and max_lr is not _UNSET:
             raise ValueError("give the maximal learning rate as lr= or as max_lr=, not both")
         lr = max_lr if lr is _UNSET else lr
@@ -108,6 +117,12 @@ class FusedALIG(Optimizer):
         self._plan: _StepPlan | None = None
         self._step_sizes: Tensor | None = None
         self._skipped_steps: Tensor | None = None
+        # accumulate_loss's running sum: one tensor kept across steps (a CUDA graph that
+        # captured the step reads it at the same address), live while _loss_pending.
+        self._loss_sum: Tensor | None = None
+        self._loss_pending = False
+        self._warned_no_grad = False
+        self.last_backend: str | None = None  # the backend of the last step
         self._project_at_start()
         if projection_fn is not None:
             projection_fn()
@@ -130,8 +145,7 @@ class FusedALIG(Optimizer):
     def skipped_steps(self) -> Tensor:
         """Number of steps skipped for a non-finite loss/gradient or AMP overflow (device tensor)."""
         if self._skipped_steps is None:
-            device = _common_device(p for g in self.param_groups for p in g["params"]) or torch.device("cpu")
-            self._skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+            self._skipped_steps = torch.zeros((), dtype=torch.int64, device=self._params_device())
         return self._skipped_steps
 
     def state_dict(self) -> dict[str, Any]:
@@ -163,18 +177,54 @@ class FusedALIG(Optimizer):
     # -- the step ----------------------------------------------------------------------
 
     @torch.no_grad()
+    def accumulate_loss(self, loss: Any) -> None:
+        """Add ``loss`` to the loss of the next step: a device-side running sum, no host sync.
+
+        Call it with every tensor you call ``backward()`` on, exactly as backwarded (after
+        dividing by the accumulation steps, before ``GradScaler.scale``); ``step()`` then
+        uses the sum. ``step`` and ``zero_grad`` reset it; ``state_dict`` does not save it.
+        """
+        plan = self._plan
+        device = plan.device if plan is not None else self._params_device()
+        value = _loss_tensor(loss, device)
+        total = self._loss_sum
+        if total is None or total.device != value.device:
+            total = self._loss_sum = torch.zeros((), dtype=torch.float64, device=value.device)
+        if self._loss_pending:
+            total.add_(value)
+        else:
+            total.copy_(value)
+            self._loss_pending = True
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # The gradients go, and with them the function they were the gradient of.
+        self._loss_pending = False
+        super().zero_grad(set_to_none)
+
+    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
-        """One ALI-G step. The loss comes from ``loss=`` or from ``closure()``."""
-        if closure is not None and loss is not None:
-            raise ValueError("give the loss either as loss= or through closure, not both")
-        if closure is not None:
+        """One ALI-G step on ``loss=``, else the accumulated loss, else ``closure()``'s value."""
+        if closure is not None and not callable(closure):
+            raise TypeError(_positional_loss_message(closure))
+        closure_loss = None
+        if closure is not None:  # it may run the last backward (and accumulate its loss)
             with torch.enable_grad():
-                loss = closure()
+                closure_loss = closure()
+        from_sum = loss is None and self._loss_pending
+        if from_sum:
+            loss = self._loss_sum
+        elif loss is None:
+            loss = closure_loss
         if loss is None:
             raise ValueError(
-                "FusedALIG needs the current loss to compute its step size: "
-                "call optimizer.step(loss=loss) or optimizer.step(lambda: loss)"
+                "FusedALIG needs the current loss to compute its step size: call "
+                "optimizer.accumulate_loss(loss) after each backward and then optimizer.step(), "
+                "or optimizer.step(loss=loss), or optimizer.step(closure) with a closure that "
+                "returns the loss"
             )
+        # torch's convention: the closure's value; else the loss used (the sum's value, as the
+        # sum tensor itself is overwritten by the next accumulate_loss).
+        returned = closure_loss if closure_loss is not None else loss.clone() if from_sum else loss
 
         group_hparams = []
         for k, group in enumerate(self.param_groups):
@@ -187,12 +237,21 @@ class FusedALIG(Optimizer):
         if grads is None:  # first step, or the params, their gradients or the state changed
             plan = self._make_plan(group_hparams)
             if plan is None:  # no gradient anywhere: nothing to do
-                return loss
+                self._loss_pending = False
+                if not self._warned_no_grad:
+                    self._warned_no_grad = True
+                    warnings.warn(
+                        "FusedALIG.step: no parameter has a gradient, so the step did nothing "
+                        "(did backward() run on a loss of these parameters?)",
+                        stacklevel=2,
+                    )
+                return returned
             grads = [p.grad for p in plan.params]
         params, buffers, device, backend = plan.params, plan.buffers, plan.device, plan.backend
         loss_t = _loss_tensor(loss, device)
 
-        # Every check has passed: only now create state (bad input changes nothing).
+        # Every check has passed: only now create state and reset the sum (bad input changes nothing).
+        self._loss_pending = False
         if plan.missing_buffers:
             for i in plan.missing_buffers:
                 p = params[i]
@@ -231,7 +290,7 @@ class FusedALIG(Optimizer):
         self.last_backend = backend
         if self.projection_fn is not None:
             self.projection_fn()
-        return loss
+        return returned
 
     # -- the step plan: the flat tensor lists, rebuilt only when they may have changed ----
 
@@ -281,6 +340,9 @@ class FusedALIG(Optimizer):
         return _StepPlan(params, without_grad, buffers, group_index, missing_buffers, device, backend, sharded)
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _params_device(self) -> torch.device:
+        return _common_device(p for g in self.param_groups for p in g["params"]) or torch.device("cpu")
 
     def _step_size_tensor(self, device: torch.device) -> Tensor:
         n = len(self.param_groups)
@@ -417,6 +479,34 @@ def _loss_tensor(loss: Any, device: torch.device) -> Tensor:
         if loss.device.type == "cpu":  # host memory: reading it syncs nothing
             return torch.full((), loss.item(), dtype=torch.float64, device=device)
         return loss.to(device=device, dtype=torch.float64)
+    numpy = sys.modules.get("numpy")  # a numpy loss means numpy is imported
+    if numpy is not None and isinstance(loss, (numpy.ndarray, numpy.generic)):
+        array = numpy.asarray(loss)
+        if array.size != 1:
+            raise ValueError(f"the loss must be a scalar, got an array of shape {array.shape}")
+        if array.dtype.kind not in "fiu":
+            raise TypeError(f"the loss must be a real number, got a numpy {array.dtype}")
+        loss = float(array.reshape(()))
     if isinstance(loss, bool) or not isinstance(loss, (int, float)):
         raise TypeError(f"the loss must be a number or a 0-dim tensor, got {type(loss).__name__}")
     return torch.full((), float(loss), dtype=torch.float64, device=device)
+
+
+def _positional_loss_message(value: Any) -> str:
+    if isinstance(value, (Tensor, int, float)) or type(value).__module__ == "numpy":
+        return "step()'s first argument is a closure; give the loss as a keyword: optimizer.step(loss=loss)"
+    return f"closure must be callable, got {type(value).__name__} (give a loss as optimizer.step(loss=loss))"
+
+
+# What torch optimizers take and FusedALIG does not, and what it has instead.
+_INSTEAD = {
+    "weight_decay": "FusedALIG has no weight decay: ALI-G regularises by projecting onto an l2 ball, max_norm=",
+    "nesterov": "FusedALIG's momentum is always Nesterov-style (as in the reference); set momentum=",
+    "dampening": "FusedALIG's momentum has no dampening; adjusted_momentum=True selects the PyTorch-like form",
+}
+
+
+def _unsupported_arguments_message(unsupported: dict) -> str:
+    names = ", ".join(map(repr, unsupported))
+    hints = [_INSTEAD[name] for name in unsupported if name in _INSTEAD]
+    return f"FusedALIG got unexpected argument(s) {names}" + "".join(f"; {hint}" for hint in hints)

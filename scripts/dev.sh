@@ -29,6 +29,9 @@ setup() {
     pip_install "$TORCH_SPEC" "$TRITON_SPEC" numpy setuptools wheel ninja
     pip_install pytest pytest-benchmark scikit-learn matplotlib tqdm
     pip_install --no-deps pytorch_optimizer
+    # The frameworks tests/test_integrations.py runs FusedALIG in, at the versions it was tested
+    # with (~90 s to install); torch named again so that pip keeps the CPU build.
+    pip_install "$TORCH_SPEC" transformers==5.24.0 accelerate==1.15.0 lightning==2.6.6
     log "installing alig_fused (editable; builds the C++ extension against the venv's torch)"
     # No build isolation: an isolated build would fetch its own (CUDA) torch to compile against.
     # A failed build of the extension is a warning (backend "cpp" then says why), except
@@ -42,6 +45,7 @@ setup() {
 run_tests() {
     local t0=$SECONDS
     export ALIG_FUSED_REQUIRE_BACKENDS=${ALIG_FUSED_REQUIRE_BACKENDS:-torch,cpp,triton}
+    export ALIG_FUSED_REQUIRE_INTEGRATIONS=${ALIG_FUSED_REQUIRE_INTEGRATIONS:-1}  # transformers, lightning, accelerate
     log "pytest (all backends on CPU; Triton through its interpreter; kernels compiled for sm_80/sm_90)"
     "$VENV/bin/python" -m pytest -q "$@"
     if [ -x .ci/cmake_test.sh ] || [ -f .ci/cmake_test.sh ]; then

@@ -549,8 +549,8 @@ def test_missing_or_bad_loss(backend):
     p.grad = torch.ones(3)
     with pytest.raises(ValueError, match="needs the current loss"):
         opt.step()
-    with pytest.raises(ValueError, match="not both"):
-        opt.step(lambda: 1.0, loss=1.0)
+    with pytest.raises(TypeError, match="loss=loss"):
+        opt.step(torch.tensor(1.0))  # positional: step's first argument is the closure
     with pytest.raises(ValueError, match="scalar"):
         opt.step(loss=torch.ones(2))
     with pytest.raises(TypeError, match="loss"):
