@@ -28,8 +28,15 @@ fail() { printf 'sdist_test: FAILED: %s\n' "$*" >&2; exit 1; }
 pip_install() { "$venv/bin/pip" install -q "$@" 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }; return "${PIPESTATUS[0]}"; }
 
 t0=$SECONDS
-"$PYTHON" -m venv "$venv"
-pip_install "$TORCH_SPEC" numpy ninja setuptools wheel build
+if [ -n "${SDIST_TEST_VENV:-}" ]; then  # to rerun quickly: a venv this script made before, reused
+  venv=$SDIST_TEST_VENV
+  [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
+  "$venv/bin/pip" uninstall -q -y alig_fused 2>/dev/null || true
+else
+  "$PYTHON" -m venv "$venv"
+fi
+# --no-compile: byte-compiling torch's thousands of .py files is most of a torch install's time
+pip_install --no-compile "$TORCH_SPEC" numpy ninja setuptools wheel build
 log "fresh venv with $("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)') in $((SECONDS - t0)) s"
 
 # 1. The sdist, and what it must carry.
@@ -55,7 +62,7 @@ import torch
 import alig_fused
 from alig_fused import FusedALIG, _cpp_loader
 
-expected_origin = {"jit": "compiled just in time", "cached": "cached just in time", "prebuilt": "prebuilt"}[sys.argv[1]]
+expected_origin = {"jit": "compiled just in time", "cached": "loaded from the JIT cache", "prebuilt": "prebuilt"}[sys.argv[1]]
 
 
 def one_step(backend):
@@ -75,14 +82,14 @@ for cpp, ref in zip(one_step("cpp"), one_step("torch")):
 origin = _cpp_loader.EXTENSION_ORIGIN
 assert origin.startswith(expected_origin), f"expected the extension {expected_origin}, got: {origin}"
 print(f"alig_fused {importlib.metadata.version('alig_fused')}: a backend='cpp' step matches backend='torch'; "
-      f"the extension was {origin}")
+      f"the extension: {origin}")
 EOF
 check() { (cd "$work" && "$venv/bin/python" check.py "$@"); }
 
 # 2. Default flags: pip builds in isolation, without torch; the first cpp step compiles.
 t=$SECONDS
 pip_install "$sdist"
-note=$("$venv/bin/python" -c 'import alig_fused, os; print(open(os.path.join(os.path.dirname(alig_fused.__file__), "_C_not_built.txt")).read())')
+note=$(cd "$work" && "$venv/bin/python" -c 'import alig_fused, os; print(open(os.path.join(os.path.dirname(alig_fused.__file__), "_C_not_built.txt")).read())')
 echo "$note" | grep -q "isolated build environment" || fail "the install's note does not say why there is no extension: $note"
 log "pip install <sdist> (isolated): no extension, as its note says, in $((SECONDS - t)) s"
 export TORCH_EXTENSIONS_DIR=$work/torch_extensions

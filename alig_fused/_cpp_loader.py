@@ -119,7 +119,7 @@ def _summarize_build_error(exc: Exception, log_path: str) -> str:
     except OSError:
         saved = ""
     lines = text.splitlines()
-    errors = [line.strip() for line in lines[1:] if "error" in line.lower()][:3]
+    errors = [line.strip() for line in lines[1:] if "error:" in line][:3]  # "x.cpp:1:2: error: ...", "fatal error: ..."
     head = lines[0][:300] if lines else ""
     return f"{type(exc).__name__}: {head}" + (f" [{' | '.join(errors)}]" if errors else "") + saved
 
@@ -198,7 +198,7 @@ def _jit_load(problem: str):
     seconds = time.perf_counter() - start
     if not compiled:
         sys.stderr.write(f"alig_fused: compiled the extension in {seconds:.0f} s.\n")
-    EXTENSION_ORIGIN = f"{'compiled' if not compiled else 'cached'} just in time in {build_dir}"
+    EXTENSION_ORIGIN = f"loaded from the JIT cache {build_dir}" if compiled else f"compiled just in time into {build_dir}"
     return module
 
 

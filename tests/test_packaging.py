@@ -144,10 +144,10 @@ def test_jit_build_is_announced_once_with_its_time_then_reused(monkeypatch, tmp_
     err = capsys.readouterr().err
     assert err.count("compiling the extension") == 1
     assert no_prebuilt in err and _build_config.JIT_CPU_BUILD_ESTIMATE in err and "ALIG_FUSED_NO_JIT=1" in err
-    assert _cpp_loader.EXTENSION_ORIGIN.startswith("compiled just in time in " + str(tmp_path))
+    assert _cpp_loader.EXTENSION_ORIGIN.startswith("compiled just in time into " + str(tmp_path))
     assert _cpp_loader.load_extension() == "module"  # a later run: the cached build
     assert "compiling" not in capsys.readouterr().err
-    assert _cpp_loader.EXTENSION_ORIGIN.startswith("cached just in time")
+    assert _cpp_loader.EXTENSION_ORIGIN.startswith("loaded from the JIT cache")
     assert len(calls) == 2 and calls[0]["build_directory"] == calls[1]["build_directory"]
 
 
