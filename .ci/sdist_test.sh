@@ -8,7 +8,8 @@
 #   3. `pip install --no-build-isolation <sdist>` with ALIG_FUSED_EXT_REQUIRED=1: compiled at
 #      install time; backend="cpp" runs with ALIG_FUSED_NO_JIT=1 (the prebuilt module only).
 # Two compiles of the CPU kernels, ~2 min each on 2 cores. Everything lives in a temp dir.
-#   .ci/sdist_test.sh          (PYTHON=python3.x, ALIG_TORCH_SPEC=torch==..., MAX_JOBS=N)
+#   .ci/sdist_test.sh          (PYTHON=python3.x, ALIG_TORCH_SPEC=torch==..., MAX_JOBS=N;
+#                               SDIST_TEST_VENV=dir reuses that venv, to rerun quickly)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
