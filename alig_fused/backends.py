@@ -1,7 +1,9 @@
 """Which implementation of the step runs: discovery, the saved import errors, the picker.
 
-A backend chosen by ``"auto"`` that fails to import is passed over quietly; one asked for
-by name raises ``BackendUnavailableError`` carrying the reason (the import or build error).
+A backend chosen by ``"auto"`` that fails to import is passed over, its reason kept for
+``why_unavailable`` and ``available_backends`` (``alig-fused backends``); one asked for by
+name raises ``BackendUnavailableError`` carrying the reason (the import error, or for "cpp"
+why no prebuilt extension fits this torch and what the just-in-time build said).
 """
 
 from __future__ import annotations

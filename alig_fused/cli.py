@@ -137,6 +137,10 @@ def _run_backends(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     for name, state in backends.available_backends(device).items():
         print(f"{name:<7} {state}")
+    if backends.load("cpp") is not None:
+        from . import _cpp_loader
+
+        print(f"the cpp extension: {_cpp_loader.EXTENSION_ORIGIN}")
     print(f"auto -> {backends.pick('auto', device)} on {device}")
     return 0
 

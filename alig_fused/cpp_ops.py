@@ -2,46 +2,22 @@
 halves for sharded parameters, ``alig_sums`` and ``alig_update_``; csrc/), their fake
 kernels, and ``cpp_alig`` with the signature of ``functional.torch_alig``.
 
-Importing this module loads the extension ``alig_fused._C``; an ImportError or OSError
-(not built, or built against another torch) propagates, and backends.py reports it.
+Importing this module loads the extension (_cpp_loader.py): the prebuilt one if it was
+built for this torch, else a just-in-time build; ExtensionUnavailable (an ImportError)
+propagates when neither works, and backends.py reports it.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import torch
 from torch import Tensor
 
+from ._cpp_loader import ExtensionUnavailable, load_extension
 from .functional import GroupHParams, ReduceSums, Sum, hparams_table
 
-__all__ = ["cpp_alig", "has_device"]
+__all__ = ["cpp_alig", "has_device", "ExtensionUnavailable"]
 
-_BUILD_ERROR_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C_build_error.txt")
-
-
-def _load_extension():
-    name = f"{__package__}._C"
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:
-            raise
-        if os.path.exists(_BUILD_ERROR_FILE):
-            with open(_BUILD_ERROR_FILE) as f:
-                reason = f.read().strip()
-            raise ImportError(
-                f"building the extension alig_fused._C failed at install time ({reason}); "
-                "`python setup.py build_ext --inplace` shows the compiler's output"
-            ) from exc
-        raise ImportError(
-            "the extension alig_fused._C is not built (torch was missing at install time, or "
-            "ALIG_FUSED_NO_EXT=1): with torch installed, run `pip install --no-build-isolation -e .`"
-        ) from exc
-
-
-_C = _load_extension()
+_C = load_extension()
 
 
 @torch.library.register_fake("alig_fused::alig_step_")

@@ -2,6 +2,16 @@
 // other sources (TORCH_LIBRARY / TORCH_LIBRARY_IMPL); it adds only has_cuda().
 #include <Python.h>
 
+// The module's name: _C when setup.py builds alig_fused._C; the JIT build (cpp_ops.py)
+// names it after its cache entry, and Python calls PyInit_<that name>.
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+#define ALIG_CONCAT_(a, b) a##b
+#define ALIG_CONCAT(a, b) ALIG_CONCAT_(a, b)
+#define ALIG_STRINGIFY_(x) #x
+#define ALIG_STRINGIFY(x) ALIG_STRINGIFY_(x)
+
 namespace {
 
 PyObject* has_cuda(PyObject*, PyObject*) {
@@ -17,8 +27,8 @@ PyMethodDef methods[] = {
     {nullptr, nullptr, 0, nullptr},
 };
 
-PyModuleDef module = {PyModuleDef_HEAD_INIT, "alig_fused._C", "alig_fused's compiled ops (torch.ops.alig_fused).", -1, methods};
+PyModuleDef module = {PyModuleDef_HEAD_INIT, ALIG_STRINGIFY(TORCH_EXTENSION_NAME), "alig_fused's compiled ops (torch.ops.alig_fused).", -1, methods};
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC ALIG_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&module); }

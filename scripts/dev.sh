@@ -33,7 +33,8 @@ setup() {
     # with (~90 s to install); torch named again so that pip keeps the CPU build.
     pip_install "$TORCH_SPEC" transformers==5.24.0 accelerate==1.15.0 lightning==2.6.6
     log "installing alig_fused (editable; builds the C++ extension against the venv's torch)"
-    # No build isolation: an isolated build would fetch its own (CUDA) torch to compile against.
+    # No build isolation: an isolated build cannot see the venv's torch, so it would leave
+    # the extension to the just-in-time build on first use.
     # A failed build of the extension is a warning (backend "cpp" then says why), except
     # for the tests, which set ALIG_FUSED_EXT_REQUIRED=1.
     ALIG_FUSED_EXT_REQUIRED=${ALIG_FUSED_EXT_REQUIRED:-0} MAX_JOBS=${MAX_JOBS:-2} \
@@ -51,6 +52,10 @@ run_tests() {
     if [ -x .ci/cmake_test.sh ] || [ -f .ci/cmake_test.sh ]; then
         log "CMake build of the extension against libtorch, and its C++ test"
         bash .ci/cmake_test.sh
+    fi
+    if [ "${ALIG_SKIP_SDIST_TEST:-0}" != "1" ] && [ -f .ci/sdist_test.sh ]; then
+        log "the sdist installed in a fresh venv: isolated (JIT build on first use) and --no-build-isolation"
+        bash .ci/sdist_test.sh
     fi
     if [ "${ALIG_SKIP_CUDA_BUILD:-0}" != "1" ] && [ -f .ci/build_cuda_ext.sh ]; then
         log "CUDA extension compiled and linked with nvcc (separate venv with the CUDA build of torch)"
