@@ -289,10 +289,8 @@ def hparams_table(group_hparams: list[GroupHParams], device: torch.device, cache
     if cache is None:
         cache = {}
     n_groups = len(group_hparams)
-    key = ("hparams", device, n_groups)
+    key, values_key = ("hparams", device, n_groups), ("hparams_values", device, n_groups)
     table = cache.get(key)
-    if table is None:
-        table = cache[key] = torch.empty(n_groups, HParam.COUNT, dtype=torch.float64, device=device)
     tensor_lrs = [k for k, h in enumerate(group_hparams) if isinstance(h.lr, Tensor)]
     # None marks a tensor lr's column: never a written value (no lr is None here), so a group
     # whose lr turns from a tensor back into a number always gets its column rewritten.
@@ -300,21 +298,22 @@ def hparams_table(group_hparams: list[GroupHParams], device: torch.device, cache
     if torch.compiler.is_compiling():
         # Traced: the host compare would become guards on every value; write the table in the
         # graph instead (a fill of constants) and let the next eager step rewrite it.
+        if table is None:
+            table = cache[key] = torch.empty(n_groups, HParam.COUNT, dtype=torch.float64, device=device)
         table.copy_(torch.tensor(_rows(values), dtype=torch.float64, device=device))
-        cache.pop(("hparams_values",) + key[1:], None)
-    elif cache.get(("hparams_values",) + key[1:]) != values:
+        cache[values_key] = None  # a store, not a read: no guard on it
+    elif table is None or cache.get(values_key) != values:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "FusedALIG's hyper-parameters changed since the last eager step, during CUDA graph "
+                "capture: run one eager step with the new values before capturing (or use a CUDA "
+                "tensor lr, which a captured step copies on the device)"
+            )
+        if table is None:
+            table = cache[key] = torch.empty(n_groups, HParam.COUNT, dtype=torch.float64, device=device)
         host = torch.tensor(_rows(values), dtype=torch.float64)
-        if device.type == "cuda":
-            if torch.cuda.is_current_stream_capturing():
-                raise RuntimeError(
-                    "FusedALIG's hyper-parameters changed since the last eager step, during CUDA graph "
-                    "capture: run one eager step with the new values before capturing (or use a CUDA "
-                    "tensor lr, which a captured step copies on the device)"
-                )
-            table.copy_(host.pin_memory(), non_blocking=True)
-        else:
-            table.copy_(host)
-        cache[("hparams_values",) + key[1:]] = values
+        table.copy_(host.pin_memory() if device.type == "cuda" else host, non_blocking=True)
+        cache[values_key] = values
     if tensor_lrs:
         lr_column = table.select(1, HParam.LR)
         torch._foreach_copy_([lr_column[k] for k in tensor_lrs], [group_hparams[k].lr.reshape(()) for k in tensor_lrs])

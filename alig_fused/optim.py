@@ -118,24 +118,34 @@ class FusedALIG(Optimizer):
 
     def __setattr__(self, name: str, value: Any) -> None:
         # torch's LRScheduler wraps opt.step (marking the wrapper _wrapped_by_lr_sched) right
-        # before its first get_lr(), which multiplies every group's lr: with lr=None that is
-        # a TypeError from inside torch ("None * float"). Say why instead.
+        # before its first get_lr(), which scales every group's lr: the moment to check them.
         if name == "step" and getattr(value, "_wrapped_by_lr_sched", False):
-            self._check_schedulable()
+            self._prepare_for_scheduler()
         super().__setattr__(name, value)
 
-    def _check_schedulable(self) -> None:
+    def _prepare_for_scheduler(self) -> None:
+        """A scheduler is attaching. With lr=None it would fail inside torch ("None * float"):
+        say why instead, leaving the groups as they were. Groups sharing one tensor lr (a
+        tensor default) get a copy each, so that a per-group schedule stays per group (the
+        scheduler fills each group's tensor in place; shared, every group would end with the
+        last group's lr, as with torch's own optimizers)."""
         uncapped = [k for k, group in enumerate(self.param_groups) if group["lr"] is None]
-        if not uncapped:
-            return
-        for k in uncapped:  # the scheduler's setdefault("initial_lr", None): leave the groups as they were
-            if "initial_lr" in self.param_groups[k] and self.param_groups[k]["initial_lr"] is None:
-                del self.param_groups[k]["initial_lr"]
-        raise ValueError(
-            f"FusedALIG param group {uncapped[0]} has lr=None (no cap on the step size): a learning-rate "
-            "scheduler schedules the cap lr (ALI-G's max_lr), so give one to schedule, e.g. "
-            "FusedALIG(params, lr=0.1)"
-        )
+        if uncapped:
+            for k in uncapped:  # undo the scheduler's setdefault("initial_lr", None)
+                if "initial_lr" in self.param_groups[k] and self.param_groups[k]["initial_lr"] is None:
+                    del self.param_groups[k]["initial_lr"]
+            raise ValueError(
+                f"FusedALIG param group {uncapped[0]} has lr=None (no cap on the step size): a learning-rate "
+                "scheduler schedules the cap lr (ALI-G's max_lr), so give one to schedule, e.g. "
+                "FusedALIG(params, lr=0.1)"
+            )
+        seen = set()
+        for group in self.param_groups:
+            lr = group["lr"]
+            if isinstance(lr, Tensor):
+                if id(lr) in seen:
+                    group["lr"] = lr.clone()
+                seen.add(id(lr))
 
     # -- groups and state --------------------------------------------------------------
 
