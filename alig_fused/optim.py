@@ -48,8 +48,12 @@ class FusedALIG(Optimizer):
         process_group: under torch.distributed, the ranks whose losses are averaged
             (default: the world; for sharded parameters, their device mesh's group).
         average_loss: average the loss across ranks when torch.distributed is initialized
-            (each rank sees its own loss, so without it the replicas would drift apart).
-            Sharded (DTensor/FSDP2) parameters always reduce the pass-1 sums across ranks.
+            (each rank sees its own loss, so without it the replicas would drift apart):
+            one scalar all-reduce per step, a collective, so every rank of the group must
+            step together. An optimizer stepped on some ranks only (a probe, a per-rank
+            model) would wait for the others until the process group's timeout: give it
+            ``average_loss=False``. Sharded (DTensor/FSDP2) parameters always reduce the
+            pass-1 sums across ranks.
 
     ``step(closure=None, *, loss=None)`` takes the loss as ``loss=`` (a number or a 0-dim
     tensor, preferably on the parameters' device) or from ``closure()``. The step size

@@ -177,3 +177,18 @@ def test_a_scheduler_on_a_group_without_cap_says_so(scheduler):
         opt.step(loss=1.0)
         sched.step()
     assert opt.param_groups[1]["lr"] != 0.2
+
+
+def test_tensor_lr_state_dict_round_trip(backend):
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = FusedALIG([p], lr=torch.tensor(0.1), momentum=0.9, backend=backend)
+    p.grad = torch.ones(3)
+    opt.step(loss=1.0)
+    q = torch.nn.Parameter(p.detach().clone())
+    other = FusedALIG([q], lr=0.5, momentum=0.9, backend=backend)
+    other.load_state_dict(opt.state_dict())
+    assert float(other.param_groups[0]["lr"]) == pytest.approx(0.1)
+    for params, o in ((p, opt), (q, other)):
+        params.grad = torch.full((3,), 2.0)
+        o.step(loss=1.0)
+    assert torch.equal(p.detach(), q.detach())
