@@ -291,11 +291,12 @@ def hparams_table(group_hparams: list[GroupHParams], device: torch.device, cache
     n_groups = len(group_hparams)
     key, values_key = ("hparams", device, n_groups), ("hparams_values", device, n_groups)
     table = cache.get(key)
-    tensor_lrs = [k for k, h in enumerate(group_hparams) if isinstance(h.lr, Tensor)]
+    tensor_lrs = [k for k, h in enumerate(group_hparams) if not isinstance(h.lr, (float, int))]
     # None marks a tensor lr's column: never a written value (no lr is None here), so a group
     # whose lr turns from a tensor back into a number always gets its column rewritten.
-    values = tuple(h._replace(lr=None) if isinstance(h.lr, Tensor) else h for h in group_hparams) if tensor_lrs else tuple(group_hparams)
-    if torch.compiler.is_compiling():
+    values = tuple(group_hparams) if not tensor_lrs else tuple(h._replace(lr=None) if not isinstance(h.lr, (float, int)) else h for h in group_hparams)
+    compiling = torch.compiler.is_compiling()
+    if compiling:
         # Traced: the host compare would become guards on every value; write the table in the
         # graph instead (a fill of constants) and let the next eager step rewrite it.
         if table is None:
@@ -315,8 +316,15 @@ def hparams_table(group_hparams: list[GroupHParams], device: torch.device, cache
         table.copy_(host.pin_memory() if device.type == "cuda" else host, non_blocking=True)
         cache[values_key] = values
     if tensor_lrs:
-        lr_column = table.select(1, HParam.LR)
-        torch._foreach_copy_([lr_column[k] for k in tensor_lrs], [group_hparams[k].lr.reshape(()) for k in tensor_lrs])
+        if compiling:
+            lr_cells = [table[k, HParam.LR] for k in tensor_lrs]
+        else:  # the views of the lr column, made once (indexing costs ~1 us a view)
+            column = cache.get(("hparams_lr_column", device, n_groups))
+            if column is None:
+                column = cache[("hparams_lr_column", device, n_groups)] = table.select(1, HParam.LR).unbind(0)
+            lr_cells = [column[k] for k in tensor_lrs]
+        lrs = [group_hparams[k].lr for k in tensor_lrs]
+        torch._foreach_copy_(lr_cells, [lr if lr.dim() == 0 else lr.reshape(()) for lr in lrs])
     return table
 
 
