@@ -2,6 +2,12 @@
 
 - Replicated parameters (DDP): every rank sees its own loss, so each would compute its own
   step size and the replicas would drift apart. The loss is averaged across the group.
+  This all-reduce is a collective: every rank of the group must step together. An
+  optimizer stepped on some ranks only (a probe, a per-rank model) waits for the others
+  until the process group's timeout; it needs ``average_loss=False``. Where the backend
+  reports the timeout as an error (gloo on CPU), the error says so; NCCL's watchdog aborts
+  the process instead. Nothing cheaper can tell beforehand whether the other ranks will
+  step (that would take another collective).
 - Sharded parameters (FSDP2 ``fully_shard``, DTensor ``Shard`` placements): no rank sees the
   whole gradient, so ||g||^2 and the projection sums are wrong unless reduced. The kernels
   run on the local shards and the pass-1 sums vector, with the loss appended, is all-reduced
@@ -58,8 +64,23 @@ def local_tensors(tensors: list[Tensor]) -> list[Tensor]:
 def average_loss(loss: Tensor, process_group: Any = None) -> Tensor:
     """Mean of the ranks' losses (one all-reduce of a scalar, no host sync)."""
     total = loss.clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=process_group)
+    _all_reduce(total, process_group)
     return total / dist.get_world_size(process_group)
+
+
+def _all_reduce(tensor: Tensor, process_group: Any) -> None:
+    if torch.compiler.is_compiling():  # traced as a functional collective; no Python error to rephrase
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
+        return
+    try:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
+    except RuntimeError as exc:  # DistBackendError and the timeouts derive from it
+        raise RuntimeError(
+            f"FusedALIG's step all-reduces the loss across the ranks of its process group, and that "
+            f"failed: {exc}\nEvery rank of the group must call step() together (a timeout usually means "
+            f"that some did not). An optimizer stepped on some ranks only (a probe, a per-rank model) "
+            f"needs FusedALIG(..., average_loss=False); sharded (FSDP2) parameters always reduce."
+        ) from exc
 
 
 class SumReducer:
@@ -71,7 +92,7 @@ class SumReducer:
 
     def __call__(self, sums: Tensor, loss: Tensor) -> tuple[Tensor, Tensor]:
         packed = torch.cat([sums.reshape(-1).to(torch.float64), loss.reshape(1).to(torch.float64)])
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.process_group)
+        _all_reduce(packed, self.process_group)
         reduced_sums = packed[:-1].reshape(sums.shape)
         if self.average_loss:
             loss = packed[-1] / dist.get_world_size(self.process_group)

@@ -68,7 +68,13 @@ class Coef:
 
 
 class GroupHParams(NamedTuple):
-    lr: float
+    """One group's hyper-parameters as host numbers (the backends branch on them statically).
+
+    ``lr`` may be a 1-element tensor (on the parameters' device, or any device while compiled):
+    ``hparams_table`` then copies it on the device, never reading it on the host.
+    """
+
+    lr: float | Tensor
     momentum: float
     adjusted: bool
     max_norm: float
@@ -265,22 +271,65 @@ def _dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
 
 
 def hparams_table(group_hparams: list[GroupHParams], device: torch.device, cache: dict | None) -> Tensor:
-    """The [n_groups, 7] float64 device table of ``group_hparams``, rebuilt only on change.
+    """The [n_groups, 7] float64 table of ``group_hparams`` on ``device`` (see ``HParam``).
 
-    The host-to-device copy goes through pinned memory with non_blocking=True, which is no
-    host sync (a scheduler changing lr every step costs one small async copy).
+    One table per (device, n_groups) lives in ``cache`` and is rewritten in place, never
+    replaced: a captured CUDA graph replays the table's address, so that table must stay
+    alive and carry the new values (a scheduler changing lr between replays).
+
+    - Host numbers are compared with those last written (one tuple compare, no tensor work
+      when nothing changed); a change is one copy from pinned memory with
+      non_blocking=True, no host sync. It cannot run while a CUDA graph is being captured
+      (the graph would replay a copy from a host block that is recycled): that is an error.
+    - An ``lr`` that is a tensor is never read on the host: it is copied into the table on
+      the device at every step (one small kernel, or one foreach copy for many groups), so
+      a scheduler's in-place update reaches eager steps, compiled steps and CUDA-graph
+      replays alike. (FusedALIG hands over a CPU tensor lr as a host number in eager mode.)
     """
-    key = ("hparams", tuple(group_hparams), str(device))
-    if cache is not None and cache.get("hparams_key") == key:
-        return cache["hparams"]
-    host = torch.tensor([list(map(float, h)) for h in group_hparams], dtype=torch.float64)
-    if device.type == "cuda":
-        table = host.pin_memory().to(device, non_blocking=True)
-    else:
-        table = host.to(device)
-    if cache is not None:
-        cache["hparams_key"], cache["hparams"] = key, table
+    if cache is None:
+        cache = {}
+    n_groups = len(group_hparams)
+    key, values_key = ("hparams", device, n_groups), ("hparams_values", device, n_groups)
+    table = cache.get(key)
+    tensor_lrs = [k for k, h in enumerate(group_hparams) if not isinstance(h.lr, (float, int))]
+    # None marks a tensor lr's column: never a written value (no lr is None here), so a group
+    # whose lr turns from a tensor back into a number always gets its column rewritten.
+    values = tuple(group_hparams) if not tensor_lrs else tuple(h._replace(lr=None) if not isinstance(h.lr, (float, int)) else h for h in group_hparams)
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        # Traced: the host compare would become guards on every value; write the table in the
+        # graph instead (a fill of constants) and let the next eager step rewrite it.
+        if table is None:
+            table = cache[key] = torch.empty(n_groups, HParam.COUNT, dtype=torch.float64, device=device)
+        table.copy_(torch.tensor(_rows(values), dtype=torch.float64, device=device))
+        cache[values_key] = None  # a store, not a read: no guard on it
+    elif table is None or cache.get(values_key) != values:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "FusedALIG's hyper-parameters changed since the last eager step, during CUDA graph "
+                "capture: run one eager step with the new values before capturing (or use a CUDA "
+                "tensor lr, which a captured step copies on the device)"
+            )
+        if table is None:
+            table = cache[key] = torch.empty(n_groups, HParam.COUNT, dtype=torch.float64, device=device)
+        host = torch.tensor(_rows(values), dtype=torch.float64)
+        table.copy_(host.pin_memory() if device.type == "cuda" else host, non_blocking=True)
+        cache[values_key] = values
+    if tensor_lrs:
+        if compiling:
+            lr_cells = [table[k, HParam.LR] for k in tensor_lrs]
+        else:  # the views of the lr column, made once (indexing costs ~1 us a view)
+            column = cache.get(("hparams_lr_column", device, n_groups))
+            if column is None:
+                column = cache[("hparams_lr_column", device, n_groups)] = table.select(1, HParam.LR).unbind(0)
+            lr_cells = [column[k] for k in tensor_lrs]
+        lrs = [group_hparams[k].lr for k in tensor_lrs]
+        torch._foreach_copy_(lr_cells, [lr if lr.dim() == 0 else lr.reshape(()) for lr in lrs])
     return table
+
+
+def _rows(values: tuple) -> list[list[float]]:
+    return [[math.nan if v is None else float(v) for v in h] for h in values]
 
 
 def _split_by_group(group_index: list[int], n_groups: int) -> list[list[int]]:

@@ -32,8 +32,12 @@ class FusedALIG(Optimizer):
 
     Args:
         params: parameters or param groups; every hyper-parameter may differ per group.
-        lr: ALI-G's maximal learning rate ``max_lr`` (``None`` = no cap). Named ``lr`` so
-            learning-rate schedulers work; ``max_lr=`` is an alias.
+        lr: ALI-G's maximal learning rate ``max_lr`` (``None`` = no cap): a number or, as
+            torch's optimizers take it, a 1-element tensor (CPU or the parameters' device),
+            which a step reads on the device only, so that a scheduler changing it does not
+            recompile a compiled step. Named ``lr`` so learning-rate schedulers work (they
+            need a cap to schedule: attaching one to a group with ``lr=None`` is an error);
+            ``max_lr=`` is an alias.
         momentum: Nesterov momentum factor in [0, 1).
         adjusted_momentum: the reference's "adjusted" (PyTorch-like) momentum.
         max_norm: radius of the l2 ball the group is projected onto (``None`` = none).
@@ -46,8 +50,12 @@ class FusedALIG(Optimizer):
         process_group: under torch.distributed, the ranks whose losses are averaged
             (default: the world; for sharded parameters, their device mesh's group).
         average_loss: average the loss across ranks when torch.distributed is initialized
-            (each rank sees its own loss, so without it the replicas would drift apart).
-            Sharded (DTensor/FSDP2) parameters always reduce the pass-1 sums across ranks.
+            (each rank sees its own loss, so without it the replicas would drift apart):
+            one scalar all-reduce per step, a collective, so every rank of the group must
+            step together. An optimizer stepped on some ranks only (a probe, a per-rank
+            model) would wait for the others until the process group's timeout: give it
+            ``average_loss=False``. Sharded (DTensor/FSDP2) parameters always reduce the
+            pass-1 sums across ranks.
 
     The loss of a step is the sum of every tensor ``backward()`` was called on since the last
     step (or ``zero_grad``), the function whose gradient is in ``.grad``. ``step(closure=None,
@@ -66,7 +74,7 @@ class FusedALIG(Optimizer):
     def __init__(
         self,
         params: Iterable,
-        lr: float | None = _UNSET,
+        lr: float | Tensor | None = _UNSET,
         momentum: float = 0.0,
         adjusted_momentum: bool = False,
         max_norm: float | None = None,
@@ -76,7 +84,7 @@ class FusedALIG(Optimizer):
         backend: str = "auto",
         projection_fn: Callable[[], Any] | None = None,
         *,
-        max_lr: float | None = _UNSET,
+        max_lr: float | Tensor | None = _UNSET,
         process_group: Any = None,
         average_loss: bool = True,
         **unsupported: Any,
@@ -102,7 +110,7 @@ class FusedALIG(Optimizer):
             f_star=f_star,
             scaling=scaling,
         )
-        _check_hparams(defaults, where="defaults")
+        _check_hparams(defaults, where="defaults", read_device_lr=True)
         self.backend = backend
         self.projection_fn = projection_fn
         self.process_group = process_group
@@ -127,6 +135,37 @@ class FusedALIG(Optimizer):
         if projection_fn is not None:
             projection_fn()
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # torch's LRScheduler wraps opt.step (marking the wrapper _wrapped_by_lr_sched) right
+        # before its first get_lr(), which scales every group's lr: the moment to check them.
+        if name == "step" and getattr(value, "_wrapped_by_lr_sched", False):
+            self._prepare_for_scheduler()
+        super().__setattr__(name, value)
+
+    def _prepare_for_scheduler(self) -> None:
+        """A scheduler is attaching. With lr=None it would fail inside torch ("None * float"):
+        say why instead, leaving the groups as they were. Groups sharing one tensor lr (a
+        tensor default) get a copy each, so that a per-group schedule stays per group (the
+        scheduler fills each group's tensor in place; shared, every group would end with the
+        last group's lr, as with torch's own optimizers)."""
+        uncapped = [k for k, group in enumerate(self.param_groups) if group["lr"] is None]
+        if uncapped:
+            for k in uncapped:  # undo the scheduler's setdefault("initial_lr", None)
+                if "initial_lr" in self.param_groups[k] and self.param_groups[k]["initial_lr"] is None:
+                    del self.param_groups[k]["initial_lr"]
+            raise ValueError(
+                f"FusedALIG param group {uncapped[0]} has lr=None (no cap on the step size): a learning-rate "
+                "scheduler schedules the cap lr (ALI-G's max_lr), so give one to schedule, e.g. "
+                "FusedALIG(params, lr=0.1)"
+            )
+        seen = set()
+        for group in self.param_groups:
+            lr = group["lr"]
+            if isinstance(lr, Tensor):
+                if id(lr) in seen:
+                    group["lr"] = lr.clone()
+                seen.add(id(lr))
+
     # -- groups and state --------------------------------------------------------------
 
     def add_param_group(self, param_group: dict) -> None:
@@ -137,7 +176,7 @@ class FusedALIG(Optimizer):
                 raise TypeError("FusedALIG does not support complex parameters (view them as real with torch.view_as_real)")
             if not p.is_floating_point():
                 raise TypeError(f"FusedALIG needs floating-point parameters, got {p.dtype}")
-        _check_hparams(group, where=f"param group {len(self.param_groups) - 1}")
+        _check_hparams(group, where=f"param group {len(self.param_groups) - 1}", read_device_lr=True)
         group.setdefault("step_size", None)
         self._plan = None
 
@@ -167,7 +206,7 @@ class FusedALIG(Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-            _check_hparams(group, where="loaded param group")
+            _check_hparams(group, where="loaded param group", read_device_lr=True)
         self._step_sizes = None
         self._plan = None  # new state tensors
         if skipped is not None:
@@ -248,6 +287,7 @@ class FusedALIG(Optimizer):
                 return returned
             grads = [p.grad for p in plan.params]
         params, buffers, device, backend = plan.params, plan.buffers, plan.device, plan.backend
+        _check_lr_devices(group_hparams, device)
         loss_t = _loss_tensor(loss, device)
 
         # Every check has passed: only now create state and reset the sum (bad input changes nothing).
@@ -363,13 +403,16 @@ class FusedALIG(Optimizer):
     @torch.no_grad()
     def _project_at_start(self) -> None:
         # The reference projects once at construction (AliG calls projection_fn in
-        # __init__), so training starts inside the ball.
+        # __init__), so training starts inside the ball. Frozen parameters
+        # (requires_grad=False) are neither scaled nor counted in the group's norm, just as
+        # the per-step projection only sees parameters with a gradient.
         for group in self.param_groups:
-            if group["max_norm"] is None or not group["params"]:
+            params = [p for p in group["params"] if p.requires_grad]
+            if group["max_norm"] is None or not params:
                 continue
-            norms = [torch.linalg.vector_norm(p.detach(), dtype=torch.float64) for p in group["params"]]
+            norms = [torch.linalg.vector_norm(p.detach(), dtype=torch.float64) for p in params]
             scale = torch.clamp(group["max_norm"] / torch.linalg.vector_norm(torch.stack(norms)), max=1.0)
-            for p in group["params"]:
+            for p in params:
                 p.mul_(scale.to(p.dtype))
 
 
@@ -407,8 +450,15 @@ class _StepPlan:
 
 def _group_hparams(group: dict) -> GroupHParams:
     lr, max_norm = group["lr"], group["max_norm"]
+    if lr is None:
+        lr = math.inf
+    elif not isinstance(lr, Tensor):
+        lr = float(lr)
+    elif lr.device.type == "cpu" and not torch.compiler.is_compiling():
+        lr = lr.item()  # host memory: no device sync; a changed value is one pinned copy
+    # else a device tensor (or any tensor while compiled): hparams_table copies it on the device
     return GroupHParams(
-        lr=math.inf if lr is None else float(lr),
+        lr=lr,
         momentum=float(group["momentum"]),
         adjusted=bool(group["adjusted_momentum"]),
         max_norm=math.inf if max_norm is None else float(max_norm),
@@ -428,9 +478,28 @@ def _number(value: Any, name: str, where: str) -> float:
     return float(value)
 
 
-def _check_hparams(group: dict, where: str) -> None:
-    """Reject bad hyper-parameters with a message naming the value and the group."""
+def _check_hparams(group: dict, where: str, read_device_lr: bool = False) -> None:
+    """Reject bad hyper-parameters with a message naming the value and the group.
+
+    A tensor lr is checked for shape and dtype; its value is read where that costs no
+    device sync (a CPU tensor), or with ``read_device_lr`` (construction, add_param_group,
+    load_state_dict: one sync there, as torch's own optimizers check ``lr < 0``), never in
+    a step. Inside torch.compile nothing is checked: the checks are host code that would
+    break the graph (math.isnan on a traced float); eager steps and construction check.
+    """
+    if torch.compiler.is_compiling():
+        return
     lr = group.get("lr")
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise TypeError(
+                f"{where}: a tensor lr must hold one floating-point number (as torch.tensor(0.1)), "
+                f"got {lr.dtype} of shape {tuple(lr.shape)}"
+            )
+        if lr.device.type != "cpu" and not read_device_lr:
+            lr = None  # reading it here would be a host sync in every step
+        else:
+            lr = lr.item()
     if lr is not None and _number(lr, "lr", where) < 0:
         raise ValueError(f"{where}: invalid lr (max_lr) {lr}: must be >= 0, or None for no cap")
     momentum = _number(group.get("momentum", 0.0), "momentum", where)
@@ -450,6 +519,13 @@ def _check_hparams(group: dict, where: str) -> None:
         raise ValueError(f"{where}: invalid scaling {scaling}: must be > 0")
     if not isinstance(group.get("adjusted_momentum", False), bool):
         raise TypeError(f"{where}: adjusted_momentum must be a bool")
+
+
+def _check_lr_devices(group_hparams: list[GroupHParams], device: torch.device) -> None:
+    for k, hparams in enumerate(group_hparams):
+        lr = hparams.lr
+        if isinstance(lr, Tensor) and lr.device != device and lr.device.type != "cpu":
+            raise RuntimeError(f"param group {k}: the tensor lr is on {lr.device}, the parameters on {device}: put it on either {device} or the CPU")
 
 
 def _common_device(tensors: Iterable[Tensor]) -> torch.device | None:

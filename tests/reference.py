@@ -32,7 +32,10 @@ class ReferenceALIG:
         self.step_sizes = [None] * len(self.groups)
         self.skipped = 0
         for g in self.groups:  # the reference projects once at construction
-            self._project(g, g["params"])
+            # ... over every parameter of the group. Here frozen ones (requires_grad=False)
+            # are left out of the norm and the scaling, as the per-step projection leaves out
+            # parameters without a gradient: FusedALIG never touches a frozen parameter.
+            self._project(g, [p for p in g["params"] if p.requires_grad])
 
     @torch.no_grad()
     def step(self, loss: float):

@@ -1,4 +1,5 @@
-"""Two processes on CPU (gloo): DDP keeps the replicas identical, FSDP2 equals unsharded."""
+"""Two processes on CPU (gloo): DDP keeps the replicas identical, FSDP2 equals unsharded,
+an optimizer stepped on one rank only works with average_loss=False and says why without it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import socket
 import time
 import traceback
+from datetime import timedelta
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from alig_fused import FusedALIG
 WORLD = 2
 STEPS = 20
 TIMEOUT_S = 180
+ONE_RANK_TIMEOUT_S = 5  # the process group of the one-rank test: a missed collective fails fast
 HPARAMS = dict(lr=0.2, momentum=0.9, max_norm=3.0)
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
@@ -85,10 +88,61 @@ def _worker(rank, port, mode, backend, out_dir):
         raise
 
 
-def run_ranks(mode, backend, tmp_path):
+def local_run(backend: str, rank: int, steps: int, **kwargs):
+    """One process, no torch.distributed: the steps of rank ``rank``'s batches alone."""
+    model = make_model()
+    opt = FusedALIG(model.parameters(), backend=backend, **HPARAMS, **kwargs)
+    for step in range(steps):
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step(loss=loss)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _one_rank_worker(rank, port, mode, backend, out_dir):
+    """Rank 0 steps optimizers of its own while rank 1 takes part in no collective."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    done = os.path.join(out_dir, "rank0.done")
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+        group = dist.new_group(timeout=timedelta(seconds=ONE_RANK_TIMEOUT_S))
+        result = {}
+        if rank == 0:
+            # average_loss=False: no collective, so no waiting for rank 1 (which never steps).
+            # A collective on `group` here would time out after ONE_RANK_TIMEOUT_S and raise.
+            result["local"] = local_run(backend, 0, 3, average_loss=False, process_group=group)
+            # The default on one rank only: the loss all-reduce times out and the error says why.
+            model = make_model()
+            opt = FusedALIG(model.parameters(), backend=backend, process_group=group, **HPARAMS)
+            before = [p.detach().clone() for p in model.parameters()]
+            x, y = batch(0, 0)
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            try:
+                opt.step(loss=loss)
+                result["error"] = None
+            except RuntimeError as exc:
+                result["error"] = str(exc)
+            result["unchanged"] = all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+            torch.save(result, os.path.join(out_dir, "rank0.pt"))
+            open(done, "w").close()
+        else:
+            while not os.path.exists(done):
+                time.sleep(0.1)
+            torch.save(result, os.path.join(out_dir, "rank1.pt"))
+        dist.destroy_process_group()
+    except Exception:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def run_ranks(mode, backend, tmp_path, worker=_worker):
     """Start WORLD processes and wait; fail (never hang) after TIMEOUT_S."""
     ctx = mp.start_processes(
-        _worker, args=(free_port(), mode, backend, str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
+        worker, args=(free_port(), mode, backend, str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -143,3 +197,16 @@ def test_without_averaging_the_replicas_would_drift(tmp_path):
         opt.step(loss=loss)
         sizes.append(float(opt.param_groups[0]["step_size"]))
     assert sizes[0] != pytest.approx(sizes[1], rel=1e-3)
+
+
+def test_one_rank_only_step_needs_average_loss_false_and_says_why(tmp_path):
+    """An optimizer stepped on rank 0 alone: average_loss=False steps locally (no collective,
+    no hang); the default waits for rank 1 in the loss all-reduce, and its error says why."""
+    results = run_ranks("one_rank", "torch", tmp_path, worker=_one_rank_worker)
+    expected = local_run("torch", 0, 3)
+    for p, e in zip(results[0]["local"], expected):
+        torch.testing.assert_close(p, e, rtol=0, atol=0)
+    error = results[0]["error"]
+    assert error is not None, "a loss all-reduce on one rank only should have timed out"
+    assert "average_loss=False" in error and "Every rank" in error
+    assert results[0]["unchanged"], "the failed step changed the parameters"
