@@ -26,7 +26,10 @@ built on the host and cached while the tensors do not change)::
 Addresses are ``data_ptr()``s cast to pointers in the kernels; the dtype code picks the
 pointer type at run time (a uniform branch per program), so a model mixing fp32, bf16 and
 fp16 tensors still takes three launches. w, g and b of one tensor share its dtype; the
-math is fp32 whatever the storage (the finalize: fp64). Tensors must be contiguous. A
+math is fp32 whatever the storage (the finalize: fp64). Tensors must be dense (contiguous,
+channels_last or another permutation: the elements are one span of memory from
+``data_ptr()``, which the chunks cut as a flat array) and a tensor's gradient and buffer
+laid out as its parameter (same strides: element k of each is the same element). A
 tensor without a buffer (its group has no momentum) has has_buffer = 0 and b = g: its
 "buffer" is never read nor written.
 
@@ -66,6 +69,7 @@ the step is capturable):
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -439,7 +443,8 @@ def triton_alig(
 ) -> None:
     """One ALI-G step in three Triton launches (the signature of ``functional.torch_alig``).
 
-    Raises ValueError for what the kernels cannot address: non-contiguous tensors, dtypes
+    Raises ValueError for what the kernels cannot address: non-dense tensors, a gradient or
+    buffer laid out unlike its parameter, dtypes
     other than float32/bfloat16/float16, a gradient or buffer whose dtype or shape is not
     its parameter's.
     """
@@ -472,9 +477,14 @@ def launches(tables, hparams, loss, grad_scale, found_inf, step_size_out, skippe
     this yields). A generator: with ``reduce_sums``, it runs after the first finalize
     launch was made, and its results are the arguments of the second.
     """
-    chunked = dict(CHUNK=tables.chunk, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    # No fp contraction (enable_fp_fusion=False): w + a*b - c*g, mu*b - d*g and the
+    # finalize's fp64 formulas round after every operation, as functional.torch_alig, the
+    # interpreter and the CUDA extension (built with --fmad=false) do, rather than ~1 ulp
+    # per step apart (FFMA, checked absent in the SASS by tests/test_triton_compile.py).
+    # Cost: ~2 more FMUL/FADD per element, in a pass that moves 16-20 bytes per element.
+    chunked = dict(CHUNK=tables.chunk, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
     finalize = dict(GROUPS_BLOCK=max(8, triton.next_power_of_2(tables.n_groups)), FBLOCK=FINALIZE_BLOCK,
-                    num_warps=FINALIZE_WARPS)
+                    num_warps=FINALIZE_WARPS, enable_fp_fusion=False)
     outputs = (step_size_out, skipped_steps, tables.coefs, tables.skip)
     if tables.n_chunks:
         yield _alig_pass1_kernel, (tables.n_chunks,), (tables.meta, tables.partial, hparams, grad_scale), chunked
@@ -522,28 +532,77 @@ def _constant(cache: dict, value: float, device: torch.device) -> Tensor:
 
 
 def _tables(params, grads, buffers, group_index, n_groups, device, cache) -> _Tables:
-    """The device tables for these tensors, rebuilt only when the tensors change."""
+    """The device tables for these tensors, rebuilt only when the tensors change.
+
+    Checked every step, in C-level passes (no per-tensor Python code: the per-tensor
+    8-field key and three ``is_contiguous`` calls it replaces cost ~1 us per tensor): the
+    parameters' and gradients' addresses (``data_ptr``; a parameter whose ``.data`` is
+    replaced gets a new address while the old one is alive), the buffers as objects (the
+    optimizer owns them; the cached list holds them, so their ids stay unique), the group
+    of each tensor. Sizes, dtypes and layouts are checked when the table is built: a
+    gradient autograd puts at the same address has its parameter's size, dtype and strides.
+    """
     if not (len(params) == len(grads) == len(buffers) == len(group_index)):
         raise ValueError("triton backend: params, grads, momentum_buffers and group_index differ in length")
-    for i, (w, g, b) in enumerate(zip(params, grads, buffers)):
-        if not (w.is_contiguous() and g.is_contiguous() and b.is_contiguous()):
-            which = "parameter" if not w.is_contiguous() else "gradient" if not g.is_contiguous() else "momentum buffer"
-            raise ValueError(
-                f"triton backend: the {which} of tensor {i} (shape {tuple(w.shape)}) is not contiguous; the "
-                "Triton kernels address tensors as flat arrays (make it contiguous, or use backend='torch')"
+    addresses = list(map(Tensor.data_ptr, itertools.chain(params, grads)))
+    key = cache.get("tables_key")
+    if (key is None or key[0] != (CHUNK, n_groups, device) or key[1] != addresses or key[2] != buffers
+            or key[3] != group_index):
+        if _capturing(device):
+            raise RuntimeError(
+                "triton backend: the tensors or groups changed while a CUDA graph is being captured, so the "
+                "step would build new device tables inside the capture; run one eager step with these tensors "
+                "before capturing (the warm-up torch.cuda.graphs asks for)"
             )
-    key = (
-        CHUNK,
-        n_groups,
-        str(device),
-        tuple(group_index),
-        tuple((w.data_ptr(), g.data_ptr(), b.data_ptr(), w.numel(), b.numel(), w.dtype, g.dtype, b.dtype)
-              for w, g, b in zip(params, grads, buffers)),
-    )
-    if cache.get("tables_key") != key:
         cache["tables"] = _build_tables(params, grads, buffers, group_index, n_groups, device, CHUNK)
-        cache["tables_key"] = key
-    return cache["tables"]
+        cache["tables_key"] = ((CHUNK, n_groups, device), addresses, list(buffers), list(group_index))
+        rebuilt = True
+    else:
+        rebuilt = False
+    tables = cache["tables"]
+    _keep_alive(tables, device, cache, rebuilt)
+    return tables
+
+
+def _capturing(device: torch.device) -> bool:
+    """Is the current stream of ``device`` capturing a CUDA graph? (The tests replace it on CPU.)"""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _current_stream(device: torch.device):
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
+def _keep_alive(tables: NamedTuple, device: torch.device, cache: dict, rebuilt: bool) -> None:
+    """Keep ``tables``' device memory valid for every launch that uses it.
+
+    - A CUDA graph holds the tables' raw addresses for as long as it lives: tables used
+      during a capture are pinned in ``cache["captured"]`` (owned by the optimizer), so a
+      later rebuild (new gradient tensors, a new parameter) does not hand their memory
+      back to the caching allocator while the graph may still replay. They are never
+      rewritten either: a replay keeps updating the tensors it was captured with.
+    - A launch on another stream than the one the tables were allocated on: each tensor
+      is recorded on that stream (``record_stream``), so its block is not reused before
+      that stream's work is done.
+    """
+    if _capturing(device):
+        _pin(tables, cache)
+    if device.type != "cuda":
+        return
+    stream = _current_stream(device)
+    if rebuilt:
+        cache["table_streams"] = {stream}  # allocated on this one
+    elif stream not in cache["table_streams"]:
+        for t in tables:
+            if isinstance(t, Tensor):
+                t.record_stream(stream)
+        cache["table_streams"].add(stream)
+
+
+def _pin(tables: NamedTuple, cache: dict) -> None:
+    pinned = cache.setdefault("captured", [])
+    if not any(t is tables for t in pinned):
+        pinned.append(tables)
 
 
 def _build_tables(params, grads, buffers, group_index, n_groups, device, chunk) -> _Tables:
@@ -563,6 +622,7 @@ def _build_tables(params, grads, buffers, group_index, n_groups, device, chunk) 
         if has_buffer and (b.dtype != w.dtype or b.shape != w.shape):
             raise ValueError(f"triton backend: the momentum buffer of tensor {i} ({b.dtype}, {tuple(b.shape)}) does "
                              f"not match its parameter ({w.dtype}, {tuple(w.shape)})")
+        _check_layout(i, w, g, b if has_buffer else None, "triton backend", ("gradient", "momentum buffer"))
         if not 0 <= k < n_groups:
             raise ValueError(f"triton backend: group_index[{i}] = {k}, but there are {n_groups} groups")
         for t in (w, g, b) if has_buffer else (w, g):
@@ -584,6 +644,42 @@ def _build_tables(params, grads, buffers, group_index, n_groups, device, chunk) 
         n_groups=n_groups,
         chunk=chunk,
     )
+
+
+def _dense(t: Tensor) -> bool:
+    """Are ``t``'s elements one gap-free span of memory, from ``data_ptr()`` on? (contiguous,
+    channels_last, any permutation of a contiguous tensor: strides are never negative in
+    torch, so element 0 is the lowest address.)"""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _strides(t: Tensor) -> tuple:
+    return tuple(st for st, sz in zip(t.stride(), t.shape) if sz != 1)  # a size-1 dim's stride is arbitrary
+
+
+def _check_layout(i: int, w: Tensor, g: Tensor, b: Tensor | None, who: str, names: tuple[str, str]) -> None:
+    """The kernels address each tensor as the flat span of its memory, element k of w with
+    element k of g and b: w must be dense, g and b laid out as w (same strides)."""
+    if w.numel() == 0:
+        return
+    if not _dense(w):
+        raise ValueError(
+            f"{who}: the parameter of tensor {i} (shape {tuple(w.shape)}, strides {w.stride()}) is not contiguous "
+            "nor dense (a view with gaps); the Triton kernels address tensors as flat spans of memory (make it "
+            "contiguous, or use backend='torch')"
+        )
+    for name, t in zip(names, (g, b)):
+        if t is not None and _strides(t) != _strides(w):
+            raise ValueError(
+                f"{who}: the {name} of tensor {i} has strides {t.stride()}, its parameter {w.stride()}; the Triton "
+                "kernels need them laid out alike (contiguous, or the same dense layout such as channels_last), "
+                "or use backend='torch'"
+            )
 
 
 def _chunk_table(tensors: list[list[int]], n_groups: int, chunk: int) -> tuple[Tensor, int]:

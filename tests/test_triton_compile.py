@@ -124,7 +124,38 @@ def _signature(kernel, args, meta):
     return signature, constexprs, attrs, options
 
 
+def _sass(cubin: bytes, tmp: Path) -> str:
+    """The SASS of a cubin, by the nvdisasm that ships with triton (or the one on PATH)."""
+    import shutil
+
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    tool = str(bundled) if bundled.exists() else shutil.which("nvdisasm")
+    assert tool, "nvdisasm not found (neither in triton's backends/nvidia/bin nor on PATH)"
+    path = tmp / "kernel.cubin"
+    path.write_bytes(cubin)
+    return subprocess.run([tool, "-c", str(path)], capture_output=True, text=True, check=True).stdout
+
+
+def _fused_multiply_adds(sass: str) -> list[str]:
+    """FFMA/DFMA instructions that contract a product: ``FFMA d, a, b, c`` with neither a nor
+    b the zero register (``FFMA R0, RZ, R13, R17`` is 0*x + c, the compiler's way of passing
+    a NaN through, not a contraction of the source's a*b + c)."""
+    fused = []
+    for line in sass.splitlines():
+        instruction = line.split("*/", 1)[-1].strip().rstrip(" ;")
+        for op in ("FFMA", "DFMA"):
+            if f" {op}" in f" {instruction}":
+                operands = [o.strip() for o in instruction.split(op, 1)[1].split(",")]
+                if len(operands) >= 3 and "RZ" not in operands[1:3]:
+                    fused.append(instruction)
+    return fused
+
+
 def _main(archs):
+    import tempfile
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -152,6 +183,7 @@ def _main(archs):
         kernels |= module_kernels
         launched += record(module)
 
+    tmp = Path(tempfile.mkdtemp())
     seen, compiled, compile_s = set(), [], 0.0
     for kernel, args, meta in launched:
         signature, constexprs, attrs, options = _signature(kernel, args, meta)
@@ -175,6 +207,15 @@ def _main(archs):
                 assert "ld.global.v4.b32" in ptx, f"{kernel.fn.__name__}: no vectorized loads on sm_{arch}"
             if kernel in (tk._alig_pass2_kernel, tla._lookahead_kernel):
                 assert "st.global.v4.b32" in ptx, f"{kernel.fn.__name__}: no vectorized stores on sm_{arch}"
+            if kernel in (tk._alig_pass2_kernel, tk._alig_finalize_kernel):
+                # no fp contraction (launches(): enable_fp_fusion=False), as the interpreter
+                # and the CUDA extension (--fmad=false) compute
+                assert "fma.rn" not in ptx, f"{kernel.fn.__name__}: an fma in the PTX for sm_{arch}"
+            if kernel is tk._alig_pass2_kernel and arch == 90:
+                # and in the machine code: the update's fp32 math has no FFMA (the DFMAs left
+                # are the Newton steps of the fp64 1/grad_scale, a correctly rounded division)
+                fused = [i for i in _fused_multiply_adds(_sass(binary.asm["cubin"], tmp)) if "FFMA" in i]
+                assert not fused, f"{kernel.fn.__name__}: FFMA on sm_{arch}: {fused[:3]}"
             if kernel is tla._lookahead_kernel:
                 # slow + alpha * (fast - slow) with two roundings: no contraction into an fma
                 assert "fma.rn.f32" not in ptx, f"lookahead: an fp32 fma on sm_{arch}"
