@@ -85,7 +85,8 @@ __all__ = ["triton_alig", "launches", "KERNELS", "CHUNK", "BLOCK"]
 # Elements per chunk (one program of pass 1 / pass 2) and per loop iteration; warps.
 # Reasoned defaults, not autotuned (autotuning on H100 is unmeasured): 16 iterations per
 # program, ~6k programs per 100M parameters; 8 warps x 32 threads x 4 elements = BLOCK,
-# so fp32 loads and stores are 16-byte vectors (bf16/fp16: 8-byte) with no layout change
+# so fp32 loads and stores are 16-byte vectors (bf16/fp16: 8-byte in pass 2; pass 1: see
+# PASS1_UNROLL) with no layout change
 # between them (with 4 warps the compiler loads 8 and stores 4 elements per thread, a
 # shared-memory round trip per block: read in the TTGIR for sm_90, not timed).
 # CHUNK must be a multiple of BLOCK, BLOCK a power of two >= 16.
@@ -95,6 +96,17 @@ NUM_WARPS = 8
 # The finalize (one program) reads the partial sums FINALIZE_BLOCK chunks at a time.
 FINALIZE_BLOCK = 256
 FINALIZE_WARPS = 4
+# Pass 1 on a whole chunk is a pure stream of loads, so it needs bytes in flight: bf16/fp16
+# take blocks of 2 * BLOCK (8 elements, 16 bytes per thread and load, as fp32's 4) and the
+# loop is unrolled PASS1_UNROLL times (the loads of 4 iterations are issued together). For
+# sm_90 (tests/test_triton_compile.py reads the SASS): 9 x UNROLL LDG.E.128 on the three
+# whole-chunk paths, 102 registers (2 CTAs of 256 threads per SM), no spills. In flight per
+# SM: 2 CTAs x 256 threads x 4 iterations x 16 B = 32 KiB when only g is read (no
+# max_norm), 96 KiB with w and b; Little's law at ~700 ns asks ~15.5 KiB on an H100 (3.35
+# TB/s, 132 SMs), ~22 KiB on an H200 (4.8 TB/s). Before: 58-60 registers, 4 CTAs, one
+# 16 B (fp32) or 8 B (bf16) load per thread per array: 16 / 8 KiB (g only). Estimated,
+# not measured (no GPU run yet).
+PASS1_UNROLL = 4
 
 _HEADER = 8
 _ROW = 8
@@ -124,7 +136,7 @@ _FINALIZE, _GROUP_SUMS, _FROM_SUMS = 0, 1, 2
 
 @triton.jit
 def _sums_full(w_addr, g_addr, b_addr, read_w, read_b, inv_scale, DTYPE: tl.constexpr,
-               CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+               CHUNK: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
     """fp32 sums (GG, WW, BB, WB, WG, BG) over a whole aligned chunk."""
     # The casts are made here, so the hints stay on this path.
     w_ptr = tl.multiple_of(w_addr.to(tl.pointer_type(DTYPE)), 16)
@@ -138,7 +150,7 @@ def _sums_full(w_addr, g_addr, b_addr, read_w, read_b, inv_scale, DTYPE: tl.cons
     wb = tl.zeros([BLOCK], dtype=tl.float32)
     wg = tl.zeros([BLOCK], dtype=tl.float32)
     bg = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(CHUNK // BLOCK):
+    for i in tl.range(CHUNK // BLOCK, loop_unroll_factor=UNROLL):
         offs = i * BLOCK + tl.arange(0, BLOCK)
         g = tl.load(g_ptr + offs).to(tl.float32) * inv_scale
         w = tl.load(w_ptr + offs, mask=offs < w_end, other=0.0).to(tl.float32)
@@ -185,7 +197,7 @@ def _sums_masked(w_addr, g_addr, b_addr, count, read_w, read_b, inv_scale, DTYPE
 
 @triton.jit
 def _alig_pass1_kernel(meta_ptr, partial_ptr, hparams_ptr, grad_scale_ptr,
-                       CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                       CHUNK: tl.constexpr, BLOCK: tl.constexpr, BLOCK16: tl.constexpr, UNROLL: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     row = meta_ptr + 8 + 8 * pid
     w_addr = tl.load(row)
@@ -204,13 +216,13 @@ def _alig_pass1_kernel(meta_ptr, partial_ptr, hparams_ptr, grad_scale_ptr,
     if tl.load(row + 7) != 0:
         if dtype_code == 0:
             gg, ww, bb, wb, wg, bg = _sums_full(w_addr, g_addr, b_addr, read_w, read_b, inv_scale,
-                                                tl.float32, CHUNK, BLOCK)
+                                                tl.float32, CHUNK, BLOCK, UNROLL)
         elif dtype_code == 1:
             gg, ww, bb, wb, wg, bg = _sums_full(w_addr, g_addr, b_addr, read_w, read_b, inv_scale,
-                                                tl.bfloat16, CHUNK, BLOCK)
+                                                tl.bfloat16, CHUNK, BLOCK16, UNROLL)
         else:
             gg, ww, bb, wb, wg, bg = _sums_full(w_addr, g_addr, b_addr, read_w, read_b, inv_scale,
-                                                tl.float16, CHUNK, BLOCK)
+                                                tl.float16, CHUNK, BLOCK16, UNROLL)
     else:
         if dtype_code == 0:
             gg, ww, bb, wb, wg, bg = _sums_masked(w_addr, g_addr, b_addr, count, read_w, read_b, inv_scale,
@@ -487,7 +499,8 @@ def launches(tables, hparams, loss, grad_scale, found_inf, step_size_out, skippe
                     num_warps=FINALIZE_WARPS, enable_fp_fusion=False)
     outputs = (step_size_out, skipped_steps, tables.coefs, tables.skip)
     if tables.n_chunks:
-        yield _alig_pass1_kernel, (tables.n_chunks,), (tables.meta, tables.partial, hparams, grad_scale), chunked
+        yield _alig_pass1_kernel, (tables.n_chunks,), (tables.meta, tables.partial, hparams, grad_scale), \
+            dict(chunked, BLOCK16=min(2 * BLOCK, tables.chunk), UNROLL=PASS1_UNROLL)
     if reduce_sums is None:
         args = (tables.meta, tables.partial, tables.group_sums, hparams, loss, found_inf) + outputs
         yield _alig_finalize_kernel, (1,), args, dict(finalize, MODE=_FINALIZE)

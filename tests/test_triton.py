@@ -598,32 +598,31 @@ def test_tables_a_capture_used_stay_alive(monkeypatch):
     (a new key) must not free them; tables no capture used are freed as before."""
     params, buffers = [torch.randn(100), torch.randn(7)], [torch.zeros(100), torch.empty(0)]
     groups = [hparams(momentum=0.9), hparams()]
+    grads = [[torch.randn(100), torch.randn(7)] for _ in range(4)]  # all alive: four sets of addresses
     cache = {}
-    call_step(params, [torch.randn(100), torch.randn(7)], buffers, [0, 1], groups, 1.0, cache=cache)
+    call_step(params, grads[0], buffers, [0, 1], groups, 1.0, cache=cache)
     eager_only = _table_refs(cache["tables"])
-    call_step(params, [torch.randn(100), torch.randn(7)], buffers, [0, 1], groups, 1.0, cache=cache)  # rebuilt
+    call_step(params, grads[1], buffers, [0, 1], groups, 1.0, cache=cache)  # rebuilt
     assert _alive(eager_only) == [False] * 5  # the weakrefs do see a table freed
 
-    grads = [torch.randn(100), torch.randn(7)]
-    call_step(params, grads, buffers, [0, 1], groups, 1.0, cache=cache)  # the eager warm-up: builds them
+    call_step(params, grads[2], buffers, [0, 1], groups, 1.0, cache=cache)  # the eager warm-up: builds them
     monkeypatch.setattr(tk, "_capturing", lambda device: True, raising=False)
-    call_step(params, grads, buffers, [0, 1], groups, 1.0, cache=cache)  # "captured"
+    call_step(params, grads[2], buffers, [0, 1], groups, 1.0, cache=cache)  # "captured"
     monkeypatch.setattr(tk, "_capturing", lambda device: False, raising=False)
     captured = _table_refs(cache["tables"])
-    del grads
-    call_step(params, [torch.randn(100), torch.randn(7)], buffers, [0, 1], groups, 1.0, cache=cache)
+    call_step(params, grads[3], buffers, [0, 1], groups, 1.0, cache=cache)
     assert _alive(captured) == [True] * 5
     assert len(cache["captured"]) == 1
 
 
 def test_rebuild_during_capture_is_an_error(monkeypatch):
-    params, buffers = [torch.randn(100)], [torch.zeros(100)]
+    params, buffers, grads = [torch.randn(100)], [torch.zeros(100)], [[torch.randn(100)] for _ in range(2)]
     cache = {}
-    call_step(params, [torch.randn(100)], buffers, [0], [hparams(momentum=0.9)], 1.0, cache=cache)
+    call_step(params, grads[0], buffers, [0], [hparams(momentum=0.9)], 1.0, cache=cache)
     tables, before = cache["tables"], [t.clone() for t in params + buffers]
     monkeypatch.setattr(tk, "_capturing", lambda device: True)
     with pytest.raises(RuntimeError, match="changed while a CUDA graph is being captured"):
-        call_step(params, [torch.randn(100)], buffers, [0], [hparams(momentum=0.9)], 1.0, cache=cache)
+        call_step(params, grads[1], buffers, [0], [hparams(momentum=0.9)], 1.0, cache=cache)
     assert cache["tables"] is tables and bit_identical(params + buffers, before)
 
 

@@ -211,6 +211,14 @@ def _main(archs):
                 # no fp contraction (launches(): enable_fp_fusion=False), as the interpreter
                 # and the CUDA extension (--fmad=false) compute
                 assert "fma.rn" not in ptx, f"{kernel.fn.__name__}: an fma in the PTX for sm_{arch}"
+            if kernel is tk._alig_pass1_kernel and arch == 90:
+                # loads in flight (triton_kernels.PASS1_UNROLL): every whole-chunk load 16 bytes
+                # for fp32, bf16 and fp16 (3 paths x 3 arrays), unrolled, and no spills
+                sass = _sass(binary.asm["cubin"], tmp)
+                words = [w.rstrip(";") for line in sass.splitlines() for w in line.split()]
+                wide = words.count("LDG.E.128")
+                assert wide >= 9 * tk.PASS1_UNROLL, f"pass 1: {wide} LDG.E.128, expected 9 x {tk.PASS1_UNROLL}"
+                assert not [w for w in words if w.startswith(("LDL", "STL"))], "pass 1 spills to local memory"
             if kernel is tk._alig_pass2_kernel and arch == 90:
                 # and in the machine code: the update's fp32 math has no FFMA (the DFMAs left
                 # are the Newton steps of the fp64 1/grad_scale, a correctly rounded division)
