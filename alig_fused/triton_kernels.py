@@ -34,8 +34,9 @@ tensor without a buffer (its group has no momentum) has has_buffer = 0 and b = g
 "buffer" is never read nor written.
 
 No host sync in the step: no ``.item()``; the table goes to the device through pinned
-memory with ``non_blocking=True``, and only when the tensors change (addresses, sizes,
-dtypes or groups). ``grad_scale``/``found_inf`` of None become cached device constants 1.0
+memory with ``non_blocking=True``, and only when the tensors change (addresses or groups,
+checked in C-level passes: ``_tables``). Tables used on another stream than the one they
+were made on are recorded on it (``record_stream``). ``grad_scale``/``found_inf`` of None become cached device constants 1.0
 and 0.0 (unscaling by 1.0 is exact), so they add no kernel variant.
 
 With ``reduce_sums`` (parameters sharded across ranks) the finalize runs twice around it:
@@ -51,7 +52,10 @@ the step is capturable):
   output the graph then owns), refilled in place before each replay;
 - run at least one eager step first (on a side stream, as ``torch.cuda.graphs`` asks for
   warm-up): it compiles the kernels, creates the momentum buffers and builds this
-  backend's device tables, so the captured step only launches the three kernels;
+  backend's device tables, so the captured step only launches the three kernels (a step
+  that would build new tables inside a capture raises RuntimeError instead);
+- the chunk tables a capture used stay alive as long as the optimizer (pinned in its
+  cache), so later eager steps with new tensors do not free what the graph replays;
 - hyper-parameters are baked in at capture: the hparams table
   (``functional.hparams_table``) is a cached device tensor whose address the graph holds;
   changing ``group["lr"]`` (e.g. a scheduler) makes the next eager step build a new table
