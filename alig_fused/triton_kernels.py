@@ -554,16 +554,17 @@ def _tables(params, grads, buffers, group_index, n_groups, device, cache) -> _Ta
     Checked every step, in C-level passes (no per-tensor Python code: the per-tensor
     8-field key and three ``is_contiguous`` calls it replaces cost ~1 us per tensor): the
     parameters' and gradients' addresses (``data_ptr``; a parameter whose ``.data`` is
-    replaced gets a new address while the old one is alive), the buffers as objects (the
-    optimizer owns them; the cached list holds them, so their ids stay unique), the group
+    replaced gets a new address while the old one is alive), the buffers as objects (their
+    ``id``s: the optimizer owns them; the cache holds them, so the ids stay unique), the group
     of each tensor. Sizes, dtypes and layouts are checked when the table is built: a
     gradient autograd puts at the same address has its parameter's size, dtype and strides.
     """
     if not (len(params) == len(grads) == len(buffers) == len(group_index)):
         raise ValueError("triton backend: params, grads, momentum_buffers and group_index differ in length")
     addresses = list(map(Tensor.data_ptr, itertools.chain(params, grads)))
+    buffer_ids = list(map(id, buffers))  # ids, not the tensors: == on tensors compares values
     key = cache.get("tables_key")
-    if (key is None or key[0] != (CHUNK, n_groups, device) or key[1] != addresses or key[2] != buffers
+    if (key is None or key[0] != (CHUNK, n_groups, device) or key[1] != addresses or key[2] != buffer_ids
             or key[3] != group_index):
         if _capturing(device):
             raise RuntimeError(
@@ -572,7 +573,8 @@ def _tables(params, grads, buffers, group_index, n_groups, device, cache) -> _Ta
                 "before capturing (the warm-up torch.cuda.graphs asks for)"
             )
         cache["tables"] = _build_tables(params, grads, buffers, group_index, n_groups, device, CHUNK)
-        cache["tables_key"] = ((CHUNK, n_groups, device), addresses, list(buffers), list(group_index))
+        # (the buffers themselves too: while they are held, no other object can take their ids)
+        cache["tables_key"] = ((CHUNK, n_groups, device), addresses, buffer_ids, list(group_index), list(buffers))
         rebuilt = True
     else:
         rebuilt = False

@@ -210,8 +210,9 @@ def _tables(fast, slow, device, cache) -> _Tables:
         raise ValueError(f"triton lookahead: {len(fast)} parameters but {len(slow)} slow weights")
     max_programs = _max_programs(device, cache)
     addresses = list(map(Tensor.data_ptr, fast))
+    slow_ids = list(map(id, slow))  # ids, not the tensors: == on tensors compares values
     key = cache.get("tables_key")
-    if key is None or key[0] != (CHUNK, max_programs, device) or key[1] != addresses or key[2] != slow:
+    if key is None or key[0] != (CHUNK, max_programs, device) or key[1] != addresses or key[2] != slow_ids:
         if tk._capturing(device):
             raise RuntimeError(
                 "triton lookahead: the parameters or slow weights changed while a CUDA graph is being captured, "
@@ -220,7 +221,7 @@ def _tables(fast, slow, device, cache) -> _Tables:
             )
         tickets = cache["tables"].tickets if "tables" in cache else None  # 0 after every launch: reusable
         cache["tables"] = _build_tables(fast, slow, device, CHUNK, max_programs, tickets)
-        cache["tables_key"] = ((CHUNK, max_programs, device), addresses, list(slow))
+        cache["tables_key"] = ((CHUNK, max_programs, device), addresses, slow_ids, list(slow))  # held: ids unique
         rebuilt = True
     else:
         rebuilt = False

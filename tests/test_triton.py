@@ -484,6 +484,18 @@ def test_tables_cached_until_tensors_change(small_chunks):
     assert cache["tables"] is tables  # a new lr: a new hparams table, the same tensor table
     call_step(params, [g.clone() for g in grads], buffers, [0, 1], [hparams(momentum=0.9), hparams()], 1.0, cache=cache)
     assert cache["tables"] is not tables  # new gradient tensors: rebuilt
+    tables = cache["tables"]
+    for new_buffers in ([torch.zeros(100), torch.empty(0)], [torch.zeros(1), torch.empty(0)]):
+        # new buffer tensors with the same values (one element: == would call them equal)
+        one = new_buffers[0].numel() == 1
+        ps, gs = ([torch.randn(1), grads[1]], [torch.randn(1), grads[1]]) if one else (params, grads)
+        if one:
+            call_step(ps, gs, [torch.zeros(1), torch.empty(0)], [0, 1], [hparams(momentum=0.9), hparams()], 1.0,
+                      cache=cache)
+            tables = cache["tables"]
+        call_step(ps, gs, new_buffers, [0, 1], [hparams(momentum=0.9), hparams()], 1.0, cache=cache)
+        assert cache["tables"] is not tables
+        tables = cache["tables"]
 
 
 @pytest.mark.parametrize("what", ["param", "grad", "buffer"])
