@@ -97,8 +97,11 @@ __all__ = ["triton_alig", "launches", "KERNELS", "CHUNK", "BLOCK"]
 CHUNK = 16384
 BLOCK = 1024
 NUM_WARPS = 8
-# The finalize (one program) reads the partial sums FINALIZE_BLOCK chunks at a time.
-FINALIZE_BLOCK = 256
+# The finalize (one program) works on tiles of up to FINALIZE_TILE groups, reading
+# FINALIZE_LANES partial-sum rows per load (1 group: 1,024 chunks at a time; 32 groups: 32
+# chunks of each). Registers stay bounded whatever the number of groups.
+FINALIZE_TILE = 32
+FINALIZE_LANES = 1024
 FINALIZE_WARPS = 4
 # Pass 1 on a whole chunk is a pure stream of loads, so it needs bytes in flight: bf16/fp16
 # take blocks of 2 * BLOCK (8 elements, 16 bytes per thread and load, as fp32's 4) and the
@@ -249,92 +252,127 @@ def _alig_pass1_kernel(meta_ptr, partial_ptr, hparams_ptr, grad_scale_ptr,
 @triton.jit
 def _alig_finalize_kernel(meta_ptr, partial_ptr, group_sums_ptr, hparams_ptr, loss_ptr, found_inf_ptr,
                           step_size_ptr, skipped_steps_ptr, coefs_ptr, skip_ptr,
-                          GROUPS_BLOCK: tl.constexpr, FBLOCK: tl.constexpr, MODE: tl.constexpr):
-    """MODE 0: the whole finalize; 1: only write the fp64 group sums; 2: finish from them."""
-    n_groups = tl.load(meta_ptr + 1)
-    groups = tl.arange(0, GROUPS_BLOCK)
-    cols = tl.arange(0, 8)
-    in_group = groups < n_groups
-    sums_mask = in_group[:, None] & (cols < 6)[None, :]
-    sums_offs = 6 * groups[:, None] + cols[None, :]
+                          TILE: tl.constexpr, FBLOCK: tl.constexpr, MODE: tl.constexpr):
+    """MODE 0: the whole finalize; 1: only write the fp64 group sums; 2: finish from them.
 
+    Two stages over tiles of TILE groups, so registers do not grow with the number of
+    groups (before: one [groups, 8] fp64 tile, a per-group select over it, ~groups^2 work
+    and spills past 512 groups). Stage 1: per tile, the partial sums of its groups' chunks,
+    TILE groups x FBLOCK chunks per load (all groups of a tile at once, not one after the
+    other), added in fp64 in a fixed order, into ``group_sums``, and the tile's share of G.
+    Stage 2: per tile, the coefficients from ``group_sums``, once G (all groups) is known.
+    """
+    n_groups = tl.load(meta_ptr + 1)
+    tile = tl.arange(0, TILE)
+    grad_sq_acc = tl.zeros([TILE], dtype=tl.float64)
+    base = n_groups * 0
     if MODE == 2:
-        sums = tl.load(group_sums_ptr + sums_offs, mask=sums_mask, other=0.0).to(tl.float64)
+        while base < n_groups:
+            groups = base + tile
+            grad_sq_acc += tl.load(group_sums_ptr + 6 * groups, mask=groups < n_groups, other=0.0).to(tl.float64)
+            base += TILE
     else:
         # Per group, the partial sums of its chunks in fp64, always in the same order.
         group_rows = tl.load(meta_ptr + 2)
-        sums = tl.zeros([GROUPS_BLOCK, 8], dtype=tl.float64)
-        k = n_groups * 0
-        while k < n_groups:
-            first = tl.load(meta_ptr + group_rows + 2 * k)
-            end = tl.load(meta_ptr + group_rows + 2 * k + 1)
-            acc = tl.zeros([FBLOCK, 8], dtype=tl.float64)
-            while first < end:
-                chunks = first + tl.arange(0, FBLOCK)
-                mask = (chunks < end)[:, None] & (cols < 6)[None, :]
-                acc += tl.load(partial_ptr + 6 * chunks[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float64)
-                first += FBLOCK
-            sums = tl.where(groups[:, None] == k, tl.sum(acc, axis=0)[None, :], sums)
-            k += 1
-    if MODE == 1:
-        tl.store(group_sums_ptr + sums_offs, sums, mask=sums_mask)
-    else:
-        sum_gg = tl.sum(tl.where(cols[None, :] == 0, sums, 0.0), axis=1)
-        sum_ww = tl.sum(tl.where(cols[None, :] == 1, sums, 0.0), axis=1)
-        sum_bb = tl.sum(tl.where(cols[None, :] == 2, sums, 0.0), axis=1)
-        sum_wb = tl.sum(tl.where(cols[None, :] == 3, sums, 0.0), axis=1)
-        sum_wg = tl.sum(tl.where(cols[None, :] == 4, sums, 0.0), axis=1)
-        sum_bg = tl.sum(tl.where(cols[None, :] == 5, sums, 0.0), axis=1)
-
-        hp = hparams_ptr + 7 * groups
-        lr = tl.load(hp + 0, mask=in_group, other=0.0)
-        momentum = tl.load(hp + 1, mask=in_group, other=0.0)
-        adjusted = tl.load(hp + 2, mask=in_group, other=0.0)
-        max_norm = tl.load(hp + 3, mask=in_group, other=1.0)
-        eps = tl.load(hp + 4, mask=in_group, other=1.0)
-        f_star = tl.load(hp + 5, mask=in_group, other=0.0)
-        scaling = tl.load(hp + 6, mask=in_group, other=1.0)
-
+        lanes = tl.arange(0, FBLOCK)
+        while base < n_groups:
+            groups = base + tile
+            in_group = groups < n_groups
+            first = tl.load(meta_ptr + group_rows + 2 * groups, mask=in_group, other=0)
+            end = tl.load(meta_ptr + group_rows + 2 * groups + 1, mask=in_group, other=0)
+            longest = tl.max(end - first, axis=0)
+            s_gg = tl.zeros([TILE], dtype=tl.float64)
+            s_ww = tl.zeros([TILE], dtype=tl.float64)
+            s_bb = tl.zeros([TILE], dtype=tl.float64)
+            s_wb = tl.zeros([TILE], dtype=tl.float64)
+            s_wg = tl.zeros([TILE], dtype=tl.float64)
+            s_bg = tl.zeros([TILE], dtype=tl.float64)
+            start = longest * 0
+            while start < longest:
+                chunks = first[:, None] + start + lanes[None, :]
+                mask = chunks < end[:, None]
+                row = partial_ptr + 6 * chunks
+                s_gg += tl.sum(tl.load(row + 0, mask=mask, other=0.0).to(tl.float64), axis=1)
+                s_ww += tl.sum(tl.load(row + 1, mask=mask, other=0.0).to(tl.float64), axis=1)
+                s_bb += tl.sum(tl.load(row + 2, mask=mask, other=0.0).to(tl.float64), axis=1)
+                s_wb += tl.sum(tl.load(row + 3, mask=mask, other=0.0).to(tl.float64), axis=1)
+                s_wg += tl.sum(tl.load(row + 4, mask=mask, other=0.0).to(tl.float64), axis=1)
+                s_bg += tl.sum(tl.load(row + 5, mask=mask, other=0.0).to(tl.float64), axis=1)
+                start += FBLOCK
+            out = group_sums_ptr + 6 * groups
+            tl.store(out + 0, s_gg, mask=in_group)
+            tl.store(out + 1, s_ww, mask=in_group)
+            tl.store(out + 2, s_bb, mask=in_group)
+            tl.store(out + 3, s_wb, mask=in_group)
+            tl.store(out + 4, s_wg, mask=in_group)
+            tl.store(out + 5, s_bg, mask=in_group)
+            grad_sq_acc += s_gg
+            base += TILE
+    if MODE != 1:
+        # stage 2 reads what other threads of this program stored in stage 1
+        tl.debug_barrier()
         # From here on functional.finalize, line by line, in fp64.
         loss = tl.load(loss_ptr).to(tl.float64)
-        grad_sq_norm = tl.sum(sum_gg)
+        grad_sq_norm = tl.sum(grad_sq_acc, axis=0)
         # skip = !isfinite(loss) || !isfinite(G) || found_inf > 0, through integers (see the
         # note above); |x| < inf is false for inf and for nan.
         loss_ok = tl.where(tl.abs(loss) < float("inf"), 1, 0)
         grad_ok = tl.where(tl.abs(grad_sq_norm) < float("inf"), 1, 0)
         no_inf = tl.where(tl.load(found_inf_ptr) > 0, 0, 1)
-        skip = loss_ok * grad_ok * no_inf == 0
-
-        polyak_step = tl.maximum(loss - f_star, 0.0) / (scaling * grad_sq_norm + eps)
-        step_size = tl.minimum(polyak_step, lr)
-
-        a = tl.where(adjusted > 0, step_size * momentum * momentum, momentum * momentum)
-        c = step_size * (1 + momentum)
-        d = tl.where(adjusted > 0, 1.0, step_size)
-        d = tl.where(momentum > 0, d, 0.0)
-
-        new_norm_sq = (
-            sum_ww
-            + a * a * sum_bb
-            + c * c * sum_gg
-            + 2 * a * sum_wb
-            - 2 * c * sum_wg
-            - 2 * a * c * sum_bg
-        )
-        norm = tl.sqrt(tl.maximum(new_norm_sq, 0.0))
-        outside = norm > max_norm
-        scale = tl.where(outside, max_norm / tl.where(outside, norm, 1.0), 1.0)  # no 0/0 on padding rows
-
-        # A skipped step: identity coefficients, step size 0 (and pass 2 writes nothing).
-        out = coefs_ptr + 5 * groups
-        tl.store(out + 0, tl.where(skip, 0.0, a).to(tl.float32), mask=in_group)
-        tl.store(out + 1, tl.where(skip, 0.0, c).to(tl.float32), mask=in_group)
-        tl.store(out + 2, tl.where(skip, 0.0, d).to(tl.float32), mask=in_group)
-        tl.store(out + 3, tl.where(skip, 1.0, momentum).to(tl.float32), mask=in_group)
-        tl.store(out + 4, tl.where(skip, 1.0, scale).to(tl.float32), mask=in_group)
-        tl.store(step_size_ptr + groups, tl.where(skip, 0.0, step_size).to(tl.float32), mask=in_group)
+        skip = loss_ok * grad_ok * no_inf == 0  # the skip condition
         tl.store(skip_ptr, skip.to(tl.int32))
         tl.store(skipped_steps_ptr, tl.load(skipped_steps_ptr) + skip.to(tl.int64))
+
+        base = n_groups * 0
+        while base < n_groups:
+            groups = base + tile
+            in_group = groups < n_groups
+            sums = group_sums_ptr + 6 * groups
+            sum_gg = tl.load(sums + 0, mask=in_group, other=0.0).to(tl.float64)
+            sum_ww = tl.load(sums + 1, mask=in_group, other=0.0).to(tl.float64)
+            sum_bb = tl.load(sums + 2, mask=in_group, other=0.0).to(tl.float64)
+            sum_wb = tl.load(sums + 3, mask=in_group, other=0.0).to(tl.float64)
+            sum_wg = tl.load(sums + 4, mask=in_group, other=0.0).to(tl.float64)
+            sum_bg = tl.load(sums + 5, mask=in_group, other=0.0).to(tl.float64)
+
+            hp = hparams_ptr + 7 * groups
+            lr = tl.load(hp + 0, mask=in_group, other=0.0)
+            momentum = tl.load(hp + 1, mask=in_group, other=0.0)
+            adjusted = tl.load(hp + 2, mask=in_group, other=0.0)
+            max_norm = tl.load(hp + 3, mask=in_group, other=1.0)
+            eps = tl.load(hp + 4, mask=in_group, other=1.0)
+            f_star = tl.load(hp + 5, mask=in_group, other=0.0)
+            scaling = tl.load(hp + 6, mask=in_group, other=1.0)
+
+            polyak_step = tl.maximum(loss - f_star, 0.0) / (scaling * grad_sq_norm + eps)
+            step_size = tl.minimum(polyak_step, lr)
+
+            a = tl.where(adjusted > 0, step_size * momentum * momentum, momentum * momentum)
+            c = step_size * (1 + momentum)
+            d = tl.where(adjusted > 0, 1.0, step_size)
+            d = tl.where(momentum > 0, d, 0.0)
+
+            new_norm_sq = (
+                sum_ww
+                + a * a * sum_bb
+                + c * c * sum_gg
+                + 2 * a * sum_wb
+                - 2 * c * sum_wg
+                - 2 * a * c * sum_bg
+            )
+            norm = tl.sqrt(tl.maximum(new_norm_sq, 0.0))
+            outside = norm > max_norm
+            scale = tl.where(outside, max_norm / tl.where(outside, norm, 1.0), 1.0)  # no 0/0 on padding rows
+
+            # A skipped step: identity coefficients, step size 0 (and pass 2 writes nothing).
+            out = coefs_ptr + 5 * groups
+            tl.store(out + 0, tl.where(skip, 0.0, a).to(tl.float32), mask=in_group)
+            tl.store(out + 1, tl.where(skip, 0.0, c).to(tl.float32), mask=in_group)
+            tl.store(out + 2, tl.where(skip, 0.0, d).to(tl.float32), mask=in_group)
+            tl.store(out + 3, tl.where(skip, 1.0, momentum).to(tl.float32), mask=in_group)
+            tl.store(out + 4, tl.where(skip, 1.0, scale).to(tl.float32), mask=in_group)
+            tl.store(step_size_ptr + groups, tl.where(skip, 0.0, step_size).to(tl.float32), mask=in_group)
+            base += TILE
 
 
 @triton.jit
@@ -430,7 +468,7 @@ KERNELS = (_alig_pass1_kernel, _alig_finalize_kernel, _alig_pass2_kernel)
 class _Tables(NamedTuple):
     meta: Tensor  # int64, the layout in the module docstring
     partial: Tensor  # [n_chunks, 6] float32 scratch, written in full by pass 1
-    group_sums: Tensor  # [n_groups, 6] float64 scratch (only with reduce_sums)
+    group_sums: Tensor  # [n_groups, 6] float64: the finalize's per-group sums (reduce_sums reads them)
     coefs: Tensor  # [n_groups, 5] float32, written by the finalize
     skip: Tensor  # [1] int32, written by the finalize
     n_chunks: int
@@ -499,8 +537,8 @@ def launches(tables, hparams, loss, grad_scale, found_inf, step_size_out, skippe
     # per step apart (FFMA, checked absent in the SASS by tests/test_triton_compile.py).
     # Cost: ~2 more FMUL/FADD per element, in a pass that moves 16-20 bytes per element.
     chunked = dict(CHUNK=tables.chunk, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
-    finalize = dict(GROUPS_BLOCK=max(8, triton.next_power_of_2(tables.n_groups)), FBLOCK=FINALIZE_BLOCK,
-                    num_warps=FINALIZE_WARPS, enable_fp_fusion=False)
+    tile = _finalize_tile(tables.n_groups)
+    finalize = dict(TILE=tile, FBLOCK=FINALIZE_LANES // tile, num_warps=FINALIZE_WARPS, enable_fp_fusion=False)
     outputs = (step_size_out, skipped_steps, tables.coefs, tables.skip)
     if tables.n_chunks:
         yield _alig_pass1_kernel, (tables.n_chunks,), (tables.meta, tables.partial, hparams, grad_scale), \
@@ -522,6 +560,11 @@ def launches(tables, hparams, loss, grad_scale, found_inf, step_size_out, skippe
         yield _alig_finalize_kernel, (1,), args, dict(finalize, MODE=_FROM_SUMS)
     if tables.n_chunks:
         yield _alig_pass2_kernel, (tables.n_chunks,), (tables.meta, tables.coefs, tables.skip, grad_scale), chunked
+
+
+def _finalize_tile(n_groups: int) -> int:
+    """Groups per finalize tile: a power of two (few compiled variants), at most FINALIZE_TILE."""
+    return min(FINALIZE_TILE, triton.next_power_of_2(max(n_groups, 1)))
 
 
 def _check_outputs(step_size_out: Tensor, skipped_steps: Tensor, n_groups: int, device: torch.device) -> None:

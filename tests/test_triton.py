@@ -674,3 +674,54 @@ def test_cache_hit_has_no_per_tensor_python_work(monkeypatch):
     assert len(calls) < n // 5, calls  # the scalar inputs' checks, not one per tensor
     call_step(params, [g.clone() for g in grads], buffers, [0] * n, [hparams(momentum=0.9)], 1.0, cache=cache)
     assert calls.count("stride") >= n  # the rebuild checks every layout
+
+
+# ---------------------------------------------------------------------------------------
+# The finalize with many groups, against the spec (functional.finalize)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad_loss", [False, True])
+def test_finalize_with_640_groups_matches_spec(small_chunks, bad_loss):
+    """640 groups (20 tiles), groups of 0 to 5 chunks and one of 150, different settings
+    per group: the finalize launch alone, on random partial sums, against
+    functional.finalize on the same sums added in float64."""
+    from alig_fused.functional import finalize, hparams_table
+
+    n_groups = 640
+    gen = torch.Generator().manual_seed(11)
+    params, group_index = [], []
+    for k in range(n_groups):
+        if k % 50 == 3:
+            continue  # a group without tensors
+        chunks = 150 if k == 7 else k % 5 + 1
+        params.append(torch.zeros(64 * chunks - (k % 3)))
+        group_index.append(k)
+    group_hparams = [hparams(lr=0.5 if k % 2 else math.inf, momentum=0.9 * (k % 3 != 0), adjusted=k % 4 == 1,
+                             max_norm=1.0 + k % 7 if k % 3 == 2 else math.inf, eps=1e-5, f_star=0.01 * (k % 2),
+                             scaling=1.0 + (k % 5 == 0)) for k in range(n_groups)]
+    tables = tk._build_tables(params, params, params, group_index, n_groups, torch.device("cpu"), tk.CHUNK)
+    assert tables.n_chunks > 1000
+    partial = torch.rand(tables.n_chunks, 6, generator=gen) * 4
+    partial[:, 3:] -= 2  # the cross terms take both signs
+    tables.partial.copy_(partial)
+    loss = torch.tensor(float("nan") if bad_loss else 2.5, dtype=torch.float64)
+    hp = hparams_table(group_hparams, torch.device("cpu"), None)
+    step_size = torch.zeros(n_groups)
+    skipped = torch.zeros((), dtype=torch.int64)
+    grad_scale, found_inf = torch.ones(()), torch.zeros(())
+    finalizes = [launch for launch in tk.launches(tables, hp, loss, grad_scale, found_inf, step_size, skipped)
+                 if launch[0] is tk._alig_finalize_kernel]
+    assert len(finalizes) == 1 and finalizes[0][3]["TILE"] == tk.FINALIZE_TILE
+    for kernel, grid, args, meta in finalizes:
+        tk._launch(kernel, grid, *args, **meta)
+
+    meta_rows = tables.meta[8: 8 + 8 * tables.n_chunks].reshape(-1, 8)
+    sums = torch.zeros(n_groups, 6, dtype=torch.float64).index_add_(0, meta_rows[:, 4], partial.double())
+    want_step, want_coefs, want_skip = finalize(sums, loss, hp)
+    assert int(skipped) == int(want_skip) == int(bad_loss) and int(tables.skip) == int(bad_loss)
+    torch.testing.assert_close(tables.group_sums, sums, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(step_size, want_step.float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(tables.coefs[:n_groups], want_coefs.float(), rtol=1e-6, atol=1e-7)
+    if not bad_loss:
+        assert (tables.coefs[:, 4] < 1).sum() > 10  # the projection binds in many groups

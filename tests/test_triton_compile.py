@@ -60,9 +60,9 @@ def _record_launches(tk):
     launched = []
     tk._launch = lambda kernel, grid, *args, **meta: launched.append((kernel, args, meta))
 
-    def step(n_groups, grad_scale, found_inf, reduce_sums):
+    def step(n_groups, grad_scale, found_inf, reduce_sums, numel=40000):
         dtypes = [torch.float32, torch.bfloat16, torch.float16]
-        params = [torch.randn(40000 + 7 * i).to(dtypes[i % 3]) for i in range(2 * n_groups)]
+        params = [torch.randn(numel + 7 * i).to(dtypes[i % 3]) for i in range(2 * n_groups)]
         grads = [p.clone() for p in params]
         buffers = [torch.zeros_like(p) if i % 2 else torch.empty(0, dtype=p.dtype) for i, p in enumerate(params)]
         group_hparams = [
@@ -78,6 +78,7 @@ def _record_launches(tk):
     step(2, None, None, None)
     step(3, torch.tensor(8.0), torch.tensor(0.0), None)
     step(9, None, None, lambda sums, loss: (sums, loss))  # 16 group slots, the sharded path's two finalizes
+    step(640, None, None, None, numel=10)  # many groups: the finalize's widest tile
     return launched
 
 
@@ -219,6 +220,11 @@ def _main(archs):
                 wide = words.count("LDG.E.128")
                 assert wide >= 9 * tk.PASS1_UNROLL, f"pass 1: {wide} LDG.E.128, expected 9 x {tk.PASS1_UNROLL}"
                 assert not [w for w in words if w.startswith(("LDL", "STL"))], "pass 1 spills to local memory"
+            if kernel is tk._alig_finalize_kernel and arch == 90:
+                # registers bounded whatever the number of groups (tiles): no spills
+                words = [w for line in _sass(binary.asm["cubin"], tmp).splitlines() for w in line.split()]
+                assert not [w for w in words if w.startswith(("LDL", "STL"))], \
+                    f"the finalize spills to local memory ({constexprs})"
             if kernel is tk._alig_pass2_kernel and arch == 90:
                 # and in the machine code: the update's fp32 math has no FFMA (the DFMAs left
                 # are the Newton steps of the fp64 1/grad_scale, a correctly rounded division)
