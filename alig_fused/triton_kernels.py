@@ -36,8 +36,9 @@ tensor without a buffer (its group has no momentum) has has_buffer = 0 and b = g
 No host sync in the step: no ``.item()``; the table goes to the device through pinned
 memory with ``non_blocking=True``, and only when the tensors change (addresses or groups,
 checked in C-level passes: ``_tables``). Tables used on another stream than the one they
-were made on are recorded on it (``record_stream``). ``grad_scale``/``found_inf`` of None become cached device constants 1.0
-and 0.0 (unscaling by 1.0 is exact), so they add no kernel variant.
+were made on are recorded on it (``record_stream``). ``grad_scale``/``found_inf`` of None
+become cached device constants 1.0 and 0.0 (unscaling by 1.0 is exact), so they add no
+kernel variant.
 
 With ``reduce_sums`` (parameters sharded across ranks) the finalize runs twice around it:
 once to write the per-group fp64 sums, once to finish from the reduced sums and loss:

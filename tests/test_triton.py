@@ -520,7 +520,8 @@ def test_channels_last_conv_follows_reference():
     Triton backend steps them as flat spans of memory, as the float64 reference loop does."""
     gen = torch.Generator().manual_seed(3)
     masters = [torch.randn(8, 5, 3, 3, generator=gen, dtype=torch.float64).to(memory_format=torch.channels_last),
-               torch.randn(7, 6, generator=gen, dtype=torch.float64).t(), torch.randn(8, generator=gen, dtype=torch.float64)]
+               torch.randn(7, 6, generator=gen, dtype=torch.float64).t(),
+               torch.randn(8, generator=gen, dtype=torch.float64)]
     targets = [torch.randn(m.shape, generator=gen, dtype=torch.float64) * 0.5 for m in masters]
     hp = {"lr": 0.1, "momentum": 0.9, "max_norm": 6.0}
 
@@ -533,7 +534,8 @@ def test_channels_last_conv_follows_reference():
         opt = (FusedALIG([{"params": params, **hp}], backend="triton") if name == "triton"
                else ReferenceALIG([{"params": params, **hp}]))
         runs[name] = (params, opt)
-    assert not runs["triton"][0][0].is_contiguous() and runs["triton"][0][0].is_contiguous(memory_format=torch.channels_last)
+    conv = runs["triton"][0][0]
+    assert not conv.is_contiguous() and conv.is_contiguous(memory_format=torch.channels_last)
     for _ in range(12):
         for name, (params, opt) in runs.items():
             for p in params:
@@ -646,7 +648,8 @@ def test_tables_recorded_on_another_stream(monkeypatch):
     monkeypatch.setattr(tk, "_current_stream", lambda device: stream[0])
     monkeypatch.setattr(tk, "_capturing", lambda device: False)
     cuda = type("FakeCuda", (), {"type": "cuda"})()
-    tables = tk._build_tables([torch.randn(10)], [torch.randn(10)], [torch.zeros(10)], [0], 1, torch.device("cpu"), tk.CHUNK)
+    tables = tk._build_tables([torch.randn(10)], [torch.randn(10)], [torch.zeros(10)], [0], 1, torch.device("cpu"),
+                              tk.CHUNK)
     cache = {}
     tk._keep_alive(tables, cuda, cache, rebuilt=True)
     tk._keep_alive(tables, cuda, cache, rebuilt=False)
@@ -669,7 +672,8 @@ def test_cache_hit_has_no_per_tensor_python_work(monkeypatch):
     call_step(params, grads, buffers, [0] * n, [hparams(momentum=0.9)], 1.0, cache=cache)
     for name in ("is_contiguous", "numel", "stride"):
         original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _f=original, _n=name, **k: calls.append(_n) or _f(t, *a, **k))
+        counted = lambda t, *a, _f=original, _n=name, **k: calls.append(_n) or _f(t, *a, **k)  # noqa: E731
+        monkeypatch.setattr(torch.Tensor, name, counted)
     call_step(params, grads, buffers, [0] * n, [hparams(momentum=0.9)], 1.0, cache=cache)
     assert len(calls) < n // 5, calls  # the scalar inputs' checks, not one per tensor
     call_step(params, [g.clone() for g in grads], buffers, [0] * n, [hparams(momentum=0.9)], 1.0, cache=cache)
