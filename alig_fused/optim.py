@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 import sys
 import warnings
 from typing import Any, Callable, Iterable
@@ -439,13 +441,24 @@ class _StepPlan:
 
     def current_grads(self) -> list[Tensor] | None:
         """This step's gradients, or None when the plan no longer describes them."""
-        grads = [p.grad for p in self.params]
-        # A sparse gradient also sends the step to _make_plan, whose check raises the error.
-        if any(g is None or g.is_sparse for g in grads) or any(p.grad is not None for p in self.without_grad):
+        # C-level passes (map over attribute getters): the Triton path's host time per step
+        # must stay below torch's own per-step grouping (bench/host_cost.py).
+        grads = list(map(_grad_of, self.params))
+        try:  # a None gradient has no is_sparse
+            # A sparse gradient also sends the step to _make_plan, whose check raises the error.
+            if any(map(_is_sparse, grads)):
+                return None
+        except AttributeError:
+            return None
+        if self.without_grad and any(map(operator.is_not, map(_grad_of, self.without_grad), itertools.repeat(None))):
             return None
         if grads[0].device != self.device or grads[0].dtype != self.dtype:
             return None
         return grads
+
+
+_grad_of = operator.attrgetter("grad")
+_is_sparse = operator.attrgetter("is_sparse")
 
 
 def _group_hparams(group: dict) -> GroupHParams:

@@ -26,14 +26,19 @@ built on the host and cached while the tensors do not change)::
 Addresses are ``data_ptr()``s cast to pointers in the kernels; the dtype code picks the
 pointer type at run time (a uniform branch per program), so a model mixing fp32, bf16 and
 fp16 tensors still takes three launches. w, g and b of one tensor share its dtype; the
-math is fp32 whatever the storage (the finalize: fp64). Tensors must be contiguous. A
+math is fp32 whatever the storage (the finalize: fp64). Tensors must be dense (contiguous,
+channels_last or another permutation: the elements are one span of memory from
+``data_ptr()``, which the chunks cut as a flat array) and a tensor's gradient and buffer
+laid out as its parameter (same strides: element k of each is the same element). A
 tensor without a buffer (its group has no momentum) has has_buffer = 0 and b = g: its
 "buffer" is never read nor written.
 
 No host sync in the step: no ``.item()``; the table goes to the device through pinned
-memory with ``non_blocking=True``, and only when the tensors change (addresses, sizes,
-dtypes or groups). ``grad_scale``/``found_inf`` of None become cached device constants 1.0
-and 0.0 (unscaling by 1.0 is exact), so they add no kernel variant.
+memory with ``non_blocking=True``, and only when the tensors change (addresses or groups,
+checked in C-level passes: ``_tables``). Tables used on another stream than the one they
+were made on are recorded on it (``record_stream``). ``grad_scale``/``found_inf`` of None
+become cached device constants 1.0 and 0.0 (unscaling by 1.0 is exact), so they add no
+kernel variant.
 
 With ``reduce_sums`` (parameters sharded across ranks) the finalize runs twice around it:
 once to write the per-group fp64 sums, once to finish from the reduced sums and loss:
@@ -48,7 +53,10 @@ the step is capturable):
   output the graph then owns), refilled in place before each replay;
 - run at least one eager step first (on a side stream, as ``torch.cuda.graphs`` asks for
   warm-up): it compiles the kernels, creates the momentum buffers and builds this
-  backend's device tables, so the captured step only launches the three kernels;
+  backend's device tables, so the captured step only launches the three kernels (a step
+  that would build new tables inside a capture raises RuntimeError instead);
+- the chunk tables a capture used stay alive as long as the optimizer (pinned in its
+  cache), so later eager steps with new tensors do not free what the graph replays;
 - hyper-parameters are baked in at capture: the hparams table
   (``functional.hparams_table``) is a cached device tensor whose address the graph holds;
   changing ``group["lr"]`` (e.g. a scheduler) makes the next eager step build a new table
@@ -66,6 +74,7 @@ the step is capturable):
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -81,16 +90,31 @@ __all__ = ["triton_alig", "launches", "KERNELS", "CHUNK", "BLOCK"]
 # Elements per chunk (one program of pass 1 / pass 2) and per loop iteration; warps.
 # Reasoned defaults, not autotuned (autotuning on H100 is unmeasured): 16 iterations per
 # program, ~6k programs per 100M parameters; 8 warps x 32 threads x 4 elements = BLOCK,
-# so fp32 loads and stores are 16-byte vectors (bf16/fp16: 8-byte) with no layout change
+# so fp32 loads and stores are 16-byte vectors (bf16/fp16: 8-byte in pass 2; pass 1: see
+# PASS1_UNROLL) with no layout change
 # between them (with 4 warps the compiler loads 8 and stores 4 elements per thread, a
 # shared-memory round trip per block: read in the TTGIR for sm_90, not timed).
 # CHUNK must be a multiple of BLOCK, BLOCK a power of two >= 16.
 CHUNK = 16384
 BLOCK = 1024
 NUM_WARPS = 8
-# The finalize (one program) reads the partial sums FINALIZE_BLOCK chunks at a time.
-FINALIZE_BLOCK = 256
+# The finalize (one program) works on tiles of up to FINALIZE_TILE groups, reading
+# FINALIZE_LANES partial-sum rows per load (1 group: 1,024 chunks at a time; 32 groups: 32
+# chunks of each). Registers stay bounded whatever the number of groups.
+FINALIZE_TILE = 32
+FINALIZE_LANES = 1024
 FINALIZE_WARPS = 4
+# Pass 1 on a whole chunk is a pure stream of loads, so it needs bytes in flight: bf16/fp16
+# take blocks of 2 * BLOCK (8 elements, 16 bytes per thread and load, as fp32's 4) and the
+# loop is unrolled PASS1_UNROLL times (the loads of 4 iterations are issued together). For
+# sm_90 (tests/test_triton_compile.py reads the SASS): 9 x UNROLL LDG.E.128 on the three
+# whole-chunk paths, 102 registers (2 CTAs of 256 threads per SM), no spills. In flight per
+# SM: 2 CTAs x 256 threads x 4 iterations x 16 B = 32 KiB when only g is read (no
+# max_norm), 96 KiB with w and b; Little's law at ~700 ns asks ~15.5 KiB on an H100 (3.35
+# TB/s, 132 SMs), ~22 KiB on an H200 (4.8 TB/s). Before: 58-60 registers, 4 CTAs, one
+# 16 B (fp32) or 8 B (bf16) load per thread per array: 16 / 8 KiB (g only). Estimated,
+# not measured (no GPU run yet).
+PASS1_UNROLL = 4
 
 _HEADER = 8
 _ROW = 8
@@ -120,7 +144,7 @@ _FINALIZE, _GROUP_SUMS, _FROM_SUMS = 0, 1, 2
 
 @triton.jit
 def _sums_full(w_addr, g_addr, b_addr, read_w, read_b, inv_scale, DTYPE: tl.constexpr,
-               CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+               CHUNK: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
     """fp32 sums (GG, WW, BB, WB, WG, BG) over a whole aligned chunk."""
     # The casts are made here, so the hints stay on this path.
     w_ptr = tl.multiple_of(w_addr.to(tl.pointer_type(DTYPE)), 16)
@@ -134,7 +158,7 @@ def _sums_full(w_addr, g_addr, b_addr, read_w, read_b, inv_scale, DTYPE: tl.cons
     wb = tl.zeros([BLOCK], dtype=tl.float32)
     wg = tl.zeros([BLOCK], dtype=tl.float32)
     bg = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(CHUNK // BLOCK):
+    for i in tl.range(CHUNK // BLOCK, loop_unroll_factor=UNROLL):
         offs = i * BLOCK + tl.arange(0, BLOCK)
         g = tl.load(g_ptr + offs).to(tl.float32) * inv_scale
         w = tl.load(w_ptr + offs, mask=offs < w_end, other=0.0).to(tl.float32)
@@ -181,7 +205,7 @@ def _sums_masked(w_addr, g_addr, b_addr, count, read_w, read_b, inv_scale, DTYPE
 
 @triton.jit
 def _alig_pass1_kernel(meta_ptr, partial_ptr, hparams_ptr, grad_scale_ptr,
-                       CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                       CHUNK: tl.constexpr, BLOCK: tl.constexpr, BLOCK16: tl.constexpr, UNROLL: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     row = meta_ptr + 8 + 8 * pid
     w_addr = tl.load(row)
@@ -200,13 +224,13 @@ def _alig_pass1_kernel(meta_ptr, partial_ptr, hparams_ptr, grad_scale_ptr,
     if tl.load(row + 7) != 0:
         if dtype_code == 0:
             gg, ww, bb, wb, wg, bg = _sums_full(w_addr, g_addr, b_addr, read_w, read_b, inv_scale,
-                                                tl.float32, CHUNK, BLOCK)
+                                                tl.float32, CHUNK, BLOCK, UNROLL)
         elif dtype_code == 1:
             gg, ww, bb, wb, wg, bg = _sums_full(w_addr, g_addr, b_addr, read_w, read_b, inv_scale,
-                                                tl.bfloat16, CHUNK, BLOCK)
+                                                tl.bfloat16, CHUNK, BLOCK16, UNROLL)
         else:
             gg, ww, bb, wb, wg, bg = _sums_full(w_addr, g_addr, b_addr, read_w, read_b, inv_scale,
-                                                tl.float16, CHUNK, BLOCK)
+                                                tl.float16, CHUNK, BLOCK16, UNROLL)
     else:
         if dtype_code == 0:
             gg, ww, bb, wb, wg, bg = _sums_masked(w_addr, g_addr, b_addr, count, read_w, read_b, inv_scale,
@@ -229,92 +253,127 @@ def _alig_pass1_kernel(meta_ptr, partial_ptr, hparams_ptr, grad_scale_ptr,
 @triton.jit
 def _alig_finalize_kernel(meta_ptr, partial_ptr, group_sums_ptr, hparams_ptr, loss_ptr, found_inf_ptr,
                           step_size_ptr, skipped_steps_ptr, coefs_ptr, skip_ptr,
-                          GROUPS_BLOCK: tl.constexpr, FBLOCK: tl.constexpr, MODE: tl.constexpr):
-    """MODE 0: the whole finalize; 1: only write the fp64 group sums; 2: finish from them."""
-    n_groups = tl.load(meta_ptr + 1)
-    groups = tl.arange(0, GROUPS_BLOCK)
-    cols = tl.arange(0, 8)
-    in_group = groups < n_groups
-    sums_mask = in_group[:, None] & (cols < 6)[None, :]
-    sums_offs = 6 * groups[:, None] + cols[None, :]
+                          TILE: tl.constexpr, FBLOCK: tl.constexpr, MODE: tl.constexpr):
+    """MODE 0: the whole finalize; 1: only write the fp64 group sums; 2: finish from them.
 
+    Two stages over tiles of TILE groups, so registers do not grow with the number of
+    groups (before: one [groups, 8] fp64 tile, a per-group select over it, ~groups^2 work
+    and spills past 512 groups). Stage 1: per tile, the partial sums of its groups' chunks,
+    TILE groups x FBLOCK chunks per load (all groups of a tile at once, not one after the
+    other), added in fp64 in a fixed order, into ``group_sums``, and the tile's share of G.
+    Stage 2: per tile, the coefficients from ``group_sums``, once G (all groups) is known.
+    """
+    n_groups = tl.load(meta_ptr + 1)
+    tile = tl.arange(0, TILE)
+    grad_sq_acc = tl.zeros([TILE], dtype=tl.float64)
+    base = n_groups * 0
     if MODE == 2:
-        sums = tl.load(group_sums_ptr + sums_offs, mask=sums_mask, other=0.0).to(tl.float64)
+        while base < n_groups:
+            groups = base + tile
+            grad_sq_acc += tl.load(group_sums_ptr + 6 * groups, mask=groups < n_groups, other=0.0).to(tl.float64)
+            base += TILE
     else:
         # Per group, the partial sums of its chunks in fp64, always in the same order.
         group_rows = tl.load(meta_ptr + 2)
-        sums = tl.zeros([GROUPS_BLOCK, 8], dtype=tl.float64)
-        k = n_groups * 0
-        while k < n_groups:
-            first = tl.load(meta_ptr + group_rows + 2 * k)
-            end = tl.load(meta_ptr + group_rows + 2 * k + 1)
-            acc = tl.zeros([FBLOCK, 8], dtype=tl.float64)
-            while first < end:
-                chunks = first + tl.arange(0, FBLOCK)
-                mask = (chunks < end)[:, None] & (cols < 6)[None, :]
-                acc += tl.load(partial_ptr + 6 * chunks[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float64)
-                first += FBLOCK
-            sums = tl.where(groups[:, None] == k, tl.sum(acc, axis=0)[None, :], sums)
-            k += 1
-    if MODE == 1:
-        tl.store(group_sums_ptr + sums_offs, sums, mask=sums_mask)
-    else:
-        sum_gg = tl.sum(tl.where(cols[None, :] == 0, sums, 0.0), axis=1)
-        sum_ww = tl.sum(tl.where(cols[None, :] == 1, sums, 0.0), axis=1)
-        sum_bb = tl.sum(tl.where(cols[None, :] == 2, sums, 0.0), axis=1)
-        sum_wb = tl.sum(tl.where(cols[None, :] == 3, sums, 0.0), axis=1)
-        sum_wg = tl.sum(tl.where(cols[None, :] == 4, sums, 0.0), axis=1)
-        sum_bg = tl.sum(tl.where(cols[None, :] == 5, sums, 0.0), axis=1)
-
-        hp = hparams_ptr + 7 * groups
-        lr = tl.load(hp + 0, mask=in_group, other=0.0)
-        momentum = tl.load(hp + 1, mask=in_group, other=0.0)
-        adjusted = tl.load(hp + 2, mask=in_group, other=0.0)
-        max_norm = tl.load(hp + 3, mask=in_group, other=1.0)
-        eps = tl.load(hp + 4, mask=in_group, other=1.0)
-        f_star = tl.load(hp + 5, mask=in_group, other=0.0)
-        scaling = tl.load(hp + 6, mask=in_group, other=1.0)
-
+        lanes = tl.arange(0, FBLOCK)
+        while base < n_groups:
+            groups = base + tile
+            in_group = groups < n_groups
+            first = tl.load(meta_ptr + group_rows + 2 * groups, mask=in_group, other=0)
+            end = tl.load(meta_ptr + group_rows + 2 * groups + 1, mask=in_group, other=0)
+            longest = tl.max(end - first, axis=0)
+            s_gg = tl.zeros([TILE], dtype=tl.float64)
+            s_ww = tl.zeros([TILE], dtype=tl.float64)
+            s_bb = tl.zeros([TILE], dtype=tl.float64)
+            s_wb = tl.zeros([TILE], dtype=tl.float64)
+            s_wg = tl.zeros([TILE], dtype=tl.float64)
+            s_bg = tl.zeros([TILE], dtype=tl.float64)
+            start = longest * 0
+            while start < longest:
+                chunks = first[:, None] + start + lanes[None, :]
+                mask = chunks < end[:, None]
+                row = partial_ptr + 6 * chunks
+                s_gg += tl.sum(tl.load(row + 0, mask=mask, other=0.0).to(tl.float64), axis=1)
+                s_ww += tl.sum(tl.load(row + 1, mask=mask, other=0.0).to(tl.float64), axis=1)
+                s_bb += tl.sum(tl.load(row + 2, mask=mask, other=0.0).to(tl.float64), axis=1)
+                s_wb += tl.sum(tl.load(row + 3, mask=mask, other=0.0).to(tl.float64), axis=1)
+                s_wg += tl.sum(tl.load(row + 4, mask=mask, other=0.0).to(tl.float64), axis=1)
+                s_bg += tl.sum(tl.load(row + 5, mask=mask, other=0.0).to(tl.float64), axis=1)
+                start += FBLOCK
+            out = group_sums_ptr + 6 * groups
+            tl.store(out + 0, s_gg, mask=in_group)
+            tl.store(out + 1, s_ww, mask=in_group)
+            tl.store(out + 2, s_bb, mask=in_group)
+            tl.store(out + 3, s_wb, mask=in_group)
+            tl.store(out + 4, s_wg, mask=in_group)
+            tl.store(out + 5, s_bg, mask=in_group)
+            grad_sq_acc += s_gg
+            base += TILE
+    if MODE != 1:
+        # stage 2 reads what other threads of this program stored in stage 1
+        tl.debug_barrier()
         # From here on functional.finalize, line by line, in fp64.
         loss = tl.load(loss_ptr).to(tl.float64)
-        grad_sq_norm = tl.sum(sum_gg)
+        grad_sq_norm = tl.sum(grad_sq_acc, axis=0)
         # skip = !isfinite(loss) || !isfinite(G) || found_inf > 0, through integers (see the
         # note above); |x| < inf is false for inf and for nan.
         loss_ok = tl.where(tl.abs(loss) < float("inf"), 1, 0)
         grad_ok = tl.where(tl.abs(grad_sq_norm) < float("inf"), 1, 0)
         no_inf = tl.where(tl.load(found_inf_ptr) > 0, 0, 1)
-        skip = loss_ok * grad_ok * no_inf == 0
-
-        polyak_step = tl.maximum(loss - f_star, 0.0) / (scaling * grad_sq_norm + eps)
-        step_size = tl.minimum(polyak_step, lr)
-
-        a = tl.where(adjusted > 0, step_size * momentum * momentum, momentum * momentum)
-        c = step_size * (1 + momentum)
-        d = tl.where(adjusted > 0, 1.0, step_size)
-        d = tl.where(momentum > 0, d, 0.0)
-
-        new_norm_sq = (
-            sum_ww
-            + a * a * sum_bb
-            + c * c * sum_gg
-            + 2 * a * sum_wb
-            - 2 * c * sum_wg
-            - 2 * a * c * sum_bg
-        )
-        norm = tl.sqrt(tl.maximum(new_norm_sq, 0.0))
-        outside = norm > max_norm
-        scale = tl.where(outside, max_norm / tl.where(outside, norm, 1.0), 1.0)  # no 0/0 on padding rows
-
-        # A skipped step: identity coefficients, step size 0 (and pass 2 writes nothing).
-        out = coefs_ptr + 5 * groups
-        tl.store(out + 0, tl.where(skip, 0.0, a).to(tl.float32), mask=in_group)
-        tl.store(out + 1, tl.where(skip, 0.0, c).to(tl.float32), mask=in_group)
-        tl.store(out + 2, tl.where(skip, 0.0, d).to(tl.float32), mask=in_group)
-        tl.store(out + 3, tl.where(skip, 1.0, momentum).to(tl.float32), mask=in_group)
-        tl.store(out + 4, tl.where(skip, 1.0, scale).to(tl.float32), mask=in_group)
-        tl.store(step_size_ptr + groups, tl.where(skip, 0.0, step_size).to(tl.float32), mask=in_group)
+        skip = loss_ok * grad_ok * no_inf == 0  # the skip condition
         tl.store(skip_ptr, skip.to(tl.int32))
         tl.store(skipped_steps_ptr, tl.load(skipped_steps_ptr) + skip.to(tl.int64))
+
+        base = n_groups * 0
+        while base < n_groups:
+            groups = base + tile
+            in_group = groups < n_groups
+            sums = group_sums_ptr + 6 * groups
+            sum_gg = tl.load(sums + 0, mask=in_group, other=0.0).to(tl.float64)
+            sum_ww = tl.load(sums + 1, mask=in_group, other=0.0).to(tl.float64)
+            sum_bb = tl.load(sums + 2, mask=in_group, other=0.0).to(tl.float64)
+            sum_wb = tl.load(sums + 3, mask=in_group, other=0.0).to(tl.float64)
+            sum_wg = tl.load(sums + 4, mask=in_group, other=0.0).to(tl.float64)
+            sum_bg = tl.load(sums + 5, mask=in_group, other=0.0).to(tl.float64)
+
+            hp = hparams_ptr + 7 * groups
+            lr = tl.load(hp + 0, mask=in_group, other=0.0)
+            momentum = tl.load(hp + 1, mask=in_group, other=0.0)
+            adjusted = tl.load(hp + 2, mask=in_group, other=0.0)
+            max_norm = tl.load(hp + 3, mask=in_group, other=1.0)
+            eps = tl.load(hp + 4, mask=in_group, other=1.0)
+            f_star = tl.load(hp + 5, mask=in_group, other=0.0)
+            scaling = tl.load(hp + 6, mask=in_group, other=1.0)
+
+            polyak_step = tl.maximum(loss - f_star, 0.0) / (scaling * grad_sq_norm + eps)
+            step_size = tl.minimum(polyak_step, lr)
+
+            a = tl.where(adjusted > 0, step_size * momentum * momentum, momentum * momentum)
+            c = step_size * (1 + momentum)
+            d = tl.where(adjusted > 0, 1.0, step_size)
+            d = tl.where(momentum > 0, d, 0.0)
+
+            new_norm_sq = (
+                sum_ww
+                + a * a * sum_bb
+                + c * c * sum_gg
+                + 2 * a * sum_wb
+                - 2 * c * sum_wg
+                - 2 * a * c * sum_bg
+            )
+            norm = tl.sqrt(tl.maximum(new_norm_sq, 0.0))
+            outside = norm > max_norm
+            scale = tl.where(outside, max_norm / tl.where(outside, norm, 1.0), 1.0)  # no 0/0 on padding rows
+
+            # A skipped step: identity coefficients, step size 0 (and pass 2 writes nothing).
+            out = coefs_ptr + 5 * groups
+            tl.store(out + 0, tl.where(skip, 0.0, a).to(tl.float32), mask=in_group)
+            tl.store(out + 1, tl.where(skip, 0.0, c).to(tl.float32), mask=in_group)
+            tl.store(out + 2, tl.where(skip, 0.0, d).to(tl.float32), mask=in_group)
+            tl.store(out + 3, tl.where(skip, 1.0, momentum).to(tl.float32), mask=in_group)
+            tl.store(out + 4, tl.where(skip, 1.0, scale).to(tl.float32), mask=in_group)
+            tl.store(step_size_ptr + groups, tl.where(skip, 0.0, step_size).to(tl.float32), mask=in_group)
+            base += TILE
 
 
 @triton.jit
@@ -410,7 +469,7 @@ KERNELS = (_alig_pass1_kernel, _alig_finalize_kernel, _alig_pass2_kernel)
 class _Tables(NamedTuple):
     meta: Tensor  # int64, the layout in the module docstring
     partial: Tensor  # [n_chunks, 6] float32 scratch, written in full by pass 1
-    group_sums: Tensor  # [n_groups, 6] float64 scratch (only with reduce_sums)
+    group_sums: Tensor  # [n_groups, 6] float64: the finalize's per-group sums (reduce_sums reads them)
     coefs: Tensor  # [n_groups, 5] float32, written by the finalize
     skip: Tensor  # [1] int32, written by the finalize
     n_chunks: int
@@ -439,7 +498,8 @@ def triton_alig(
 ) -> None:
     """One ALI-G step in three Triton launches (the signature of ``functional.torch_alig``).
 
-    Raises ValueError for what the kernels cannot address: non-contiguous tensors, dtypes
+    Raises ValueError for what the kernels cannot address: non-dense tensors, a gradient or
+    buffer laid out unlike its parameter, dtypes
     other than float32/bfloat16/float16, a gradient or buffer whose dtype or shape is not
     its parameter's.
     """
@@ -472,12 +532,18 @@ def launches(tables, hparams, loss, grad_scale, found_inf, step_size_out, skippe
     this yields). A generator: with ``reduce_sums``, it runs after the first finalize
     launch was made, and its results are the arguments of the second.
     """
-    chunked = dict(CHUNK=tables.chunk, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    finalize = dict(GROUPS_BLOCK=max(8, triton.next_power_of_2(tables.n_groups)), FBLOCK=FINALIZE_BLOCK,
-                    num_warps=FINALIZE_WARPS)
+    # No fp contraction (enable_fp_fusion=False): w + a*b - c*g, mu*b - d*g and the
+    # finalize's fp64 formulas round after every operation, as functional.torch_alig, the
+    # interpreter and the CUDA extension (built with --fmad=false) do, rather than ~1 ulp
+    # per step apart (FFMA, checked absent in the SASS by tests/test_triton_compile.py).
+    # Cost: ~2 more FMUL/FADD per element, in a pass that moves 16-20 bytes per element.
+    chunked = dict(CHUNK=tables.chunk, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    tile = _finalize_tile(tables.n_groups)
+    finalize = dict(TILE=tile, FBLOCK=FINALIZE_LANES // tile, num_warps=FINALIZE_WARPS, enable_fp_fusion=False)
     outputs = (step_size_out, skipped_steps, tables.coefs, tables.skip)
     if tables.n_chunks:
-        yield _alig_pass1_kernel, (tables.n_chunks,), (tables.meta, tables.partial, hparams, grad_scale), chunked
+        yield _alig_pass1_kernel, (tables.n_chunks,), (tables.meta, tables.partial, hparams, grad_scale), \
+            dict(chunked, BLOCK16=min(2 * BLOCK, tables.chunk), UNROLL=PASS1_UNROLL)
     if reduce_sums is None:
         args = (tables.meta, tables.partial, tables.group_sums, hparams, loss, found_inf) + outputs
         yield _alig_finalize_kernel, (1,), args, dict(finalize, MODE=_FINALIZE)
@@ -495,6 +561,11 @@ def launches(tables, hparams, loss, grad_scale, found_inf, step_size_out, skippe
         yield _alig_finalize_kernel, (1,), args, dict(finalize, MODE=_FROM_SUMS)
     if tables.n_chunks:
         yield _alig_pass2_kernel, (tables.n_chunks,), (tables.meta, tables.coefs, tables.skip, grad_scale), chunked
+
+
+def _finalize_tile(n_groups: int) -> int:
+    """Groups per finalize tile: a power of two (few compiled variants), at most FINALIZE_TILE."""
+    return min(FINALIZE_TILE, triton.next_power_of_2(max(n_groups, 1)))
 
 
 def _check_outputs(step_size_out: Tensor, skipped_steps: Tensor, n_groups: int, device: torch.device) -> None:
@@ -522,28 +593,79 @@ def _constant(cache: dict, value: float, device: torch.device) -> Tensor:
 
 
 def _tables(params, grads, buffers, group_index, n_groups, device, cache) -> _Tables:
-    """The device tables for these tensors, rebuilt only when the tensors change."""
+    """The device tables for these tensors, rebuilt only when the tensors change.
+
+    Checked every step, in C-level passes (no per-tensor Python code: the per-tensor
+    8-field key and three ``is_contiguous`` calls it replaces cost ~1 us per tensor): the
+    parameters' and gradients' addresses (``data_ptr``; a parameter whose ``.data`` is
+    replaced gets a new address while the old one is alive), the buffers as objects (their
+    ``id``s: the optimizer owns them; the cache holds them, so the ids stay unique), the group
+    of each tensor. Sizes, dtypes and layouts are checked when the table is built: a
+    gradient autograd puts at the same address has its parameter's size, dtype and strides.
+    """
     if not (len(params) == len(grads) == len(buffers) == len(group_index)):
         raise ValueError("triton backend: params, grads, momentum_buffers and group_index differ in length")
-    for i, (w, g, b) in enumerate(zip(params, grads, buffers)):
-        if not (w.is_contiguous() and g.is_contiguous() and b.is_contiguous()):
-            which = "parameter" if not w.is_contiguous() else "gradient" if not g.is_contiguous() else "momentum buffer"
-            raise ValueError(
-                f"triton backend: the {which} of tensor {i} (shape {tuple(w.shape)}) is not contiguous; the "
-                "Triton kernels address tensors as flat arrays (make it contiguous, or use backend='torch')"
+    addresses = list(map(Tensor.data_ptr, itertools.chain(params, grads)))
+    buffer_ids = list(map(id, buffers))  # ids, not the tensors: == on tensors compares values
+    key = cache.get("tables_key")
+    if (key is None or key[0] != (CHUNK, n_groups, device) or key[1] != addresses or key[2] != buffer_ids
+            or key[3] != group_index):
+        if _capturing(device):
+            raise RuntimeError(
+                "triton backend: the tensors or groups changed while a CUDA graph is being captured, so the "
+                "step would build new device tables inside the capture; run one eager step with these tensors "
+                "before capturing (the warm-up torch.cuda.graphs asks for)"
             )
-    key = (
-        CHUNK,
-        n_groups,
-        str(device),
-        tuple(group_index),
-        tuple((w.data_ptr(), g.data_ptr(), b.data_ptr(), w.numel(), b.numel(), w.dtype, g.dtype, b.dtype)
-              for w, g, b in zip(params, grads, buffers)),
-    )
-    if cache.get("tables_key") != key:
         cache["tables"] = _build_tables(params, grads, buffers, group_index, n_groups, device, CHUNK)
-        cache["tables_key"] = key
-    return cache["tables"]
+        # (the buffers themselves too: while they are held, no other object can take their ids)
+        cache["tables_key"] = ((CHUNK, n_groups, device), addresses, buffer_ids, list(group_index), list(buffers))
+        rebuilt = True
+    else:
+        rebuilt = False
+    tables = cache["tables"]
+    _keep_alive(tables, device, cache, rebuilt)
+    return tables
+
+
+def _capturing(device: torch.device) -> bool:
+    """Is the current stream of ``device`` capturing a CUDA graph? (The tests replace it on CPU.)"""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _current_stream(device: torch.device):
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
+def _keep_alive(tables: NamedTuple, device: torch.device, cache: dict, rebuilt: bool) -> None:
+    """Keep ``tables``' device memory valid for every launch that uses it.
+
+    - A CUDA graph holds the tables' raw addresses for as long as it lives: tables used
+      during a capture are pinned in ``cache["captured"]`` (owned by the optimizer), so a
+      later rebuild (new gradient tensors, a new parameter) does not hand their memory
+      back to the caching allocator while the graph may still replay. They are never
+      rewritten either: a replay keeps updating the tensors it was captured with.
+    - A launch on another stream than the one the tables were allocated on: each tensor
+      is recorded on that stream (``record_stream``), so its block is not reused before
+      that stream's work is done.
+    """
+    if _capturing(device):
+        _pin(tables, cache)
+    if device.type != "cuda":
+        return
+    stream = _current_stream(device)
+    if rebuilt:
+        cache["table_streams"] = {stream}  # allocated on this one
+    elif stream not in cache["table_streams"]:
+        for t in tables:
+            if isinstance(t, Tensor):
+                t.record_stream(stream)
+        cache["table_streams"].add(stream)
+
+
+def _pin(tables: NamedTuple, cache: dict) -> None:
+    pinned = cache.setdefault("captured", [])
+    if not any(t is tables for t in pinned):
+        pinned.append(tables)
 
 
 def _build_tables(params, grads, buffers, group_index, n_groups, device, chunk) -> _Tables:
@@ -563,6 +685,7 @@ def _build_tables(params, grads, buffers, group_index, n_groups, device, chunk) 
         if has_buffer and (b.dtype != w.dtype or b.shape != w.shape):
             raise ValueError(f"triton backend: the momentum buffer of tensor {i} ({b.dtype}, {tuple(b.shape)}) does "
                              f"not match its parameter ({w.dtype}, {tuple(w.shape)})")
+        _check_layout(i, w, g, b if has_buffer else None, "triton backend", ("gradient", "momentum buffer"))
         if not 0 <= k < n_groups:
             raise ValueError(f"triton backend: group_index[{i}] = {k}, but there are {n_groups} groups")
         for t in (w, g, b) if has_buffer else (w, g):
@@ -584,6 +707,42 @@ def _build_tables(params, grads, buffers, group_index, n_groups, device, chunk) 
         n_groups=n_groups,
         chunk=chunk,
     )
+
+
+def _dense(t: Tensor) -> bool:
+    """Are ``t``'s elements one gap-free span of memory, from ``data_ptr()`` on? (contiguous,
+    channels_last, any permutation of a contiguous tensor: strides are never negative in
+    torch, so element 0 is the lowest address.)"""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _strides(t: Tensor) -> tuple:
+    return tuple(st for st, sz in zip(t.stride(), t.shape) if sz != 1)  # a size-1 dim's stride is arbitrary
+
+
+def _check_layout(i: int, w: Tensor, g: Tensor, b: Tensor | None, who: str, names: tuple[str, str]) -> None:
+    """The kernels address each tensor as the flat span of its memory, element k of w with
+    element k of g and b: w must be dense, g and b laid out as w (same strides)."""
+    if w.numel() == 0:
+        return
+    if not _dense(w):
+        raise ValueError(
+            f"{who}: the parameter of tensor {i} (shape {tuple(w.shape)}, strides {w.stride()}) is not contiguous "
+            "nor dense (a view with gaps); the Triton kernels address tensors as flat spans of memory (make it "
+            "contiguous, or use backend='torch')"
+        )
+    for name, t in zip(names, (g, b)):
+        if t is not None and _strides(t) != _strides(w):
+            raise ValueError(
+                f"{who}: the {name} of tensor {i} has strides {t.stride()}, its parameter {w.stride()}; the Triton "
+                "kernels need them laid out alike (contiguous, or the same dense layout such as channels_last), "
+                "or use backend='torch'"
+            )
 
 
 def _chunk_table(tensors: list[list[int]], n_groups: int, chunk: int) -> tuple[Tensor, int]:

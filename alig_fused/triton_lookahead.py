@@ -18,7 +18,8 @@ Table: the chunk table of ``triton_kernels`` (its module docstring), built by th
 helper, with w = fast, g = b = slow, one group and no buffer. Read here: the header's
 n_chunks, and per chunk its fast and slow addresses, element count, dtype code (0 fp32,
 1 bf16, 2 fp16; one launch for a model mixing them) and ``full`` flag (a whole chunk, both
-addresses 16-byte aligned: the unmasked, vectorized path). Tensors must be contiguous.
+addresses 16-byte aligned: the unmasked, vectorized path). Tensors must be dense, a slow
+weight laid out as its parameter (``triton_kernels``' docstring).
 The table is cached while the tensors do not change and reaches the device through
 pinned memory with ``non_blocking=True``.
 
@@ -164,7 +165,8 @@ def triton_lookahead(fast: list[Tensor], slow: list[Tensor], step: Tensor, alpha
                      cache: dict | None = None) -> None:
     """``step += 1``; on ``step % k == 0``: ``slow += alpha * (fast - slow); fast = slow``. One launch.
 
-    Raises ValueError for what the kernel cannot address: non-contiguous tensors, dtypes
+    Raises ValueError for what the kernel cannot address: non-dense tensors, a slow weight
+    laid out unlike its parameter, dtypes
     other than float32/bfloat16/float16, a slow weight whose dtype or shape is not its
     parameter's, tensors on another device than ``step``.
     """
@@ -197,24 +199,35 @@ def _max_programs(device: torch.device, cache: dict) -> int:
 
 
 def _tables(fast, slow, device, cache) -> _Tables:
-    """The device table for these tensors, rebuilt only when the tensors change."""
+    """The device table for these tensors, rebuilt only when the tensors change.
+
+    As ``triton_kernels._tables``: the parameters recognised by their addresses, the slow
+    weights (Lookahead's state) as objects, in C-level passes; checked when built; tables a
+    CUDA graph captured stay alive, a rebuild during a capture is an error, a launch on
+    another stream records the tables on it.
+    """
     if len(fast) != len(slow):
         raise ValueError(f"triton lookahead: {len(fast)} parameters but {len(slow)} slow weights")
-    for i, (f, s) in enumerate(zip(fast, slow)):
-        if not (f.is_contiguous() and s.is_contiguous()):
-            which = "parameter" if not f.is_contiguous() else "slow weight"
-            raise ValueError(
-                f"triton lookahead: the {which} of tensor {i} (shape {tuple(f.shape)}) is not contiguous; the "
-                "Triton kernel addresses tensors as flat arrays (make it contiguous, or use backend='torch')"
-            )
     max_programs = _max_programs(device, cache)
-    key = (CHUNK, max_programs, str(device),
-           tuple((f.data_ptr(), s.data_ptr(), f.numel(), f.dtype, s.dtype) for f, s in zip(fast, slow)))
-    if cache.get("tables_key") != key:
+    addresses = list(map(Tensor.data_ptr, fast))
+    slow_ids = list(map(id, slow))  # ids, not the tensors: == on tensors compares values
+    key = cache.get("tables_key")
+    if key is None or key[0] != (CHUNK, max_programs, device) or key[1] != addresses or key[2] != slow_ids:
+        if tk._capturing(device):
+            raise RuntimeError(
+                "triton lookahead: the parameters or slow weights changed while a CUDA graph is being captured, "
+                "so the update would build a new device table inside the capture; run one eager step with these "
+                "tensors before capturing"
+            )
         tickets = cache["tables"].tickets if "tables" in cache else None  # 0 after every launch: reusable
         cache["tables"] = _build_tables(fast, slow, device, CHUNK, max_programs, tickets)
-        cache["tables_key"] = key
-    return cache["tables"]
+        cache["tables_key"] = ((CHUNK, max_programs, device), addresses, slow_ids, list(slow))  # held: ids unique
+        rebuilt = True
+    else:
+        rebuilt = False
+    tables = cache["tables"]
+    tk._keep_alive(tables, device, cache, rebuilt)
+    return tables
 
 
 def _build_tables(fast, slow, device, chunk, max_programs, tickets=None) -> _Tables:
@@ -230,6 +243,7 @@ def _build_tables(fast, slow, device, chunk, max_programs, tickets=None) -> _Tab
         if s.dtype != f.dtype or s.shape != f.shape:
             raise ValueError(f"triton lookahead: the slow weight of tensor {i} ({s.dtype}, {tuple(s.shape)}) does "
                              f"not match its parameter ({f.dtype}, {tuple(f.shape)})")
+        tk._check_layout(i, f, s, None, "triton lookahead", ("slow weight", ""))
         for t in (f, s):
             if t.device != device:
                 raise ValueError(f"triton lookahead: tensor {i} is on {t.device}, the step counter on {device}")

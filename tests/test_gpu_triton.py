@@ -155,6 +155,9 @@ def test_no_host_sync():
     opt.step(loss=loss)  # compiles the kernels
     _, fresh_groups = many_tensor_model(30)
     fresh_opt = FusedALIG(fresh_groups, backend="triton")
+    # made before the checked region: torch.tensor(nan, device=cuda) is a pageable host copy,
+    # which sync_debug_mode("error") rejects (the test, not the step, would trip it)
+    nan_loss = torch.tensor(float("nan"), dtype=torch.float64, device=CUDA)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -163,7 +166,7 @@ def test_no_host_sync():
         for p in params:
             p.grad = p.grad.clone()  # new gradient tensors: a new chunk table
         opt.step(loss=loss)
-        opt.step(loss=torch.tensor(float("nan"), dtype=torch.float64, device=CUDA))  # a skipped step
+        opt.step(loss=nan_loss)  # a skipped step
         fresh_opt.step(loss=loss)  # a first step: momentum buffers and device tables
     finally:
         torch.cuda.set_sync_debug_mode(0)

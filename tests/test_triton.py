@@ -9,7 +9,9 @@ in a constant-trip loop; masked tails) and loops of several iterations run.
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -482,26 +484,74 @@ def test_tables_cached_until_tensors_change(small_chunks):
     assert cache["tables"] is tables  # a new lr: a new hparams table, the same tensor table
     call_step(params, [g.clone() for g in grads], buffers, [0, 1], [hparams(momentum=0.9), hparams()], 1.0, cache=cache)
     assert cache["tables"] is not tables  # new gradient tensors: rebuilt
+    tables = cache["tables"]
+    for new_buffers in ([torch.zeros(100), torch.empty(0)], [torch.zeros(1), torch.empty(0)]):
+        # new buffer tensors with the same values (one element: == would call them equal)
+        one = new_buffers[0].numel() == 1
+        ps, gs = ([torch.randn(1), grads[1]], [torch.randn(1), grads[1]]) if one else (params, grads)
+        if one:
+            call_step(ps, gs, [torch.zeros(1), torch.empty(0)], [0, 1], [hparams(momentum=0.9), hparams()], 1.0,
+                      cache=cache)
+            tables = cache["tables"]
+        call_step(ps, gs, new_buffers, [0, 1], [hparams(momentum=0.9), hparams()], 1.0, cache=cache)
+        assert cache["tables"] is not tables
+        tables = cache["tables"]
 
 
-@pytest.mark.parametrize("what", ["param", "grad"])
-def test_non_contiguous_rejected(what):
-    w = torch.randn(4, 6)
-    g = torch.randn(4, 6)
+@pytest.mark.parametrize("what", ["param", "grad", "buffer"])
+def test_layouts_the_kernels_cannot_address_rejected(what):
+    """A view with gaps, or a gradient/buffer laid out unlike its (dense) parameter."""
+    w, g, b = torch.randn(4, 6), torch.randn(4, 6), torch.zeros(4, 6)
     if what == "param":
-        w = torch.randn(6, 4).t()
+        w, match = torch.randn(4, 12)[:, ::2], "not contiguous nor dense"
+    elif what == "grad":
+        g, match = torch.randn(6, 4).t(), "the gradient of tensor 0 has strides"
     else:
-        g = torch.randn(6, 4).t()
-    with pytest.raises(ValueError, match="not contiguous"):
-        call_step([w], [g], [torch.zeros(4, 6)], [0], [hparams(momentum=0.9)], 1.0)
+        b, match = torch.zeros(6, 4).t(), "the momentum buffer of tensor 0 has strides"
+    before = [t.clone() for t in (w, g, b)]
+    with pytest.raises(ValueError, match=match):
+        call_step([w], [g], [b], [0], [hparams(momentum=0.9)], 1.0)
+    assert all(torch.equal(t, t0) for t, t0 in zip((w, g, b), before))
 
 
-def test_optimizer_rejects_non_contiguous_param():
-    w = torch.randn(6, 4).t().requires_grad_()
-    opt = FusedALIG([w], backend="triton")
-    (w.sum() ** 2).backward()
-    with pytest.raises(ValueError, match="not contiguous"):
-        opt.step(loss=1.0)
+def test_channels_last_conv_follows_reference():
+    """A channels_last conv weight (dense, not contiguous; autograd gives its gradient the
+    same strides, the buffer is made with preserve_format) and a transposed matrix: the
+    Triton backend steps them as flat spans of memory, as the float64 reference loop does."""
+    gen = torch.Generator().manual_seed(3)
+    masters = [torch.randn(8, 5, 3, 3, generator=gen, dtype=torch.float64).to(memory_format=torch.channels_last),
+               torch.randn(7, 6, generator=gen, dtype=torch.float64).t(),
+               torch.randn(8, generator=gen, dtype=torch.float64)]
+    targets = [torch.randn(m.shape, generator=gen, dtype=torch.float64) * 0.5 for m in masters]
+    hp = {"lr": 0.1, "momentum": 0.9, "max_norm": 6.0}
+
+    def replica(dtype):
+        return [m.to(dtype, copy=True).requires_grad_() for m in masters]  # a copy keeps the strides
+
+    runs = {}
+    for name, dtype in (("triton", torch.float32), ("exact", torch.float64), ("plain", torch.float32)):
+        params = replica(dtype)
+        opt = (FusedALIG([{"params": params, **hp}], backend="triton") if name == "triton"
+               else ReferenceALIG([{"params": params, **hp}]))
+        runs[name] = (params, opt)
+    conv = runs["triton"][0][0]
+    assert not conv.is_contiguous() and conv.is_contiguous(memory_format=torch.channels_last)
+    for _ in range(12):
+        for name, (params, opt) in runs.items():
+            for p in params:
+                p.grad = None
+            loss = problem_loss(params, targets, [True] * len(params))
+            loss.backward()
+            if name == "triton":
+                assert runs["triton"][0][0].grad.stride() == runs["triton"][0][0].stride()
+                opt.step(loss=loss)
+            else:
+                opt.step(float(loss.detach()))
+    buffer = runs["triton"][1].state[runs["triton"][0][0]]["momentum_buffer"]
+    assert buffer.stride() == runs["triton"][0][0].stride()
+    error = trajectory_error(runs["triton"][0], runs["exact"][0])
+    plain = trajectory_error(runs["plain"][0], runs["exact"][0])
+    assert error <= 3 * plain + FLOOR[torch.float32], (error, plain)
 
 
 def test_float64_rejected():
@@ -540,3 +590,142 @@ def test_bf16_stores_round_to_nearest_even():
     y = torch.empty(1024, dtype=torch.bfloat16)
     store_kernel[(1,)](x, y, N=1024)
     assert torch.equal(y.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA graphs and streams, simulated on CPU: ``tk._capturing`` is what the launcher asks
+# (torch.cuda.is_current_stream_capturing() on CUDA); the code path is the one a capture takes.
+# ---------------------------------------------------------------------------------------
+
+
+def _table_refs(tables):
+    return [weakref.ref(t) for t in tables if isinstance(t, torch.Tensor)]
+
+
+def _alive(refs):
+    gc.collect()
+    return [r() is not None for r in refs]
+
+
+def test_tables_a_capture_used_stay_alive(monkeypatch):
+    """A graph replays the raw addresses of the tables it captured: new gradient tensors
+    (a new key) must not free them; tables no capture used are freed as before."""
+    params, buffers = [torch.randn(100), torch.randn(7)], [torch.zeros(100), torch.empty(0)]
+    groups = [hparams(momentum=0.9), hparams()]
+    grads = [[torch.randn(100), torch.randn(7)] for _ in range(4)]  # all alive: four sets of addresses
+    cache = {}
+    call_step(params, grads[0], buffers, [0, 1], groups, 1.0, cache=cache)
+    eager_only = _table_refs(cache["tables"])
+    call_step(params, grads[1], buffers, [0, 1], groups, 1.0, cache=cache)  # rebuilt
+    assert _alive(eager_only) == [False] * 5  # the weakrefs do see a table freed
+
+    call_step(params, grads[2], buffers, [0, 1], groups, 1.0, cache=cache)  # the eager warm-up: builds them
+    monkeypatch.setattr(tk, "_capturing", lambda device: True, raising=False)
+    call_step(params, grads[2], buffers, [0, 1], groups, 1.0, cache=cache)  # "captured"
+    monkeypatch.setattr(tk, "_capturing", lambda device: False, raising=False)
+    captured = _table_refs(cache["tables"])
+    call_step(params, grads[3], buffers, [0, 1], groups, 1.0, cache=cache)
+    assert _alive(captured) == [True] * 5
+    assert len(cache["captured"]) == 1
+
+
+def test_rebuild_during_capture_is_an_error(monkeypatch):
+    params, buffers, grads = [torch.randn(100)], [torch.zeros(100)], [[torch.randn(100)] for _ in range(2)]
+    cache = {}
+    call_step(params, grads[0], buffers, [0], [hparams(momentum=0.9)], 1.0, cache=cache)
+    tables, before = cache["tables"], [t.clone() for t in params + buffers]
+    monkeypatch.setattr(tk, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="changed while a CUDA graph is being captured"):
+        call_step(params, grads[1], buffers, [0], [hparams(momentum=0.9)], 1.0, cache=cache)
+    assert cache["tables"] is tables and bit_identical(params + buffers, before)
+
+
+def test_tables_recorded_on_another_stream(monkeypatch):
+    """Used on a stream other than the one they were made on: record_stream, once per stream."""
+    recorded = []
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, stream: recorded.append((t, stream)), raising=False)
+    stream = ["made"]
+    monkeypatch.setattr(tk, "_current_stream", lambda device: stream[0])
+    monkeypatch.setattr(tk, "_capturing", lambda device: False)
+    cuda = type("FakeCuda", (), {"type": "cuda"})()
+    tables = tk._build_tables([torch.randn(10)], [torch.randn(10)], [torch.zeros(10)], [0], 1, torch.device("cpu"),
+                              tk.CHUNK)
+    cache = {}
+    tk._keep_alive(tables, cuda, cache, rebuilt=True)
+    tk._keep_alive(tables, cuda, cache, rebuilt=False)
+    assert recorded == []
+    stream[0] = "side"
+    tk._keep_alive(tables, cuda, cache, rebuilt=False)
+    tk._keep_alive(tables, cuda, cache, rebuilt=False)
+    tensors = [t for t in tables if isinstance(t, torch.Tensor)]
+    assert len(recorded) == len(tensors) and all(s == "side" for _, s in recorded)
+    assert all(any(t is r for r, _ in recorded) for t in tensors)
+
+
+def test_cache_hit_has_no_per_tensor_python_work(monkeypatch):
+    """The per-step host cost (bench/host_cost.py): on a cache hit the table lookup makes no
+    per-tensor Python calls (no is_contiguous, numel, dtype); a miss still checks every tensor."""
+    n = 50
+    params, grads, buffers = ([torch.randn(8) for _ in range(n)] for _ in range(3))
+    cache, calls = {}, []
+    monkeypatch.setattr(tk, "_launch", lambda kernel, grid, *args, **meta: None)  # the host side only
+    call_step(params, grads, buffers, [0] * n, [hparams(momentum=0.9)], 1.0, cache=cache)
+    for name in ("is_contiguous", "numel", "stride"):
+        original = getattr(torch.Tensor, name)
+        counted = lambda t, *a, _f=original, _n=name, **k: calls.append(_n) or _f(t, *a, **k)  # noqa: E731
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    call_step(params, grads, buffers, [0] * n, [hparams(momentum=0.9)], 1.0, cache=cache)
+    assert len(calls) < n // 5, calls  # the scalar inputs' checks, not one per tensor
+    call_step(params, [g.clone() for g in grads], buffers, [0] * n, [hparams(momentum=0.9)], 1.0, cache=cache)
+    assert calls.count("stride") >= n  # the rebuild checks every layout
+
+
+# ---------------------------------------------------------------------------------------
+# The finalize with many groups, against the spec (functional.finalize)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad_loss", [False, True])
+def test_finalize_with_640_groups_matches_spec(small_chunks, bad_loss):
+    """640 groups (20 tiles), groups of 0 to 5 chunks and one of 150, different settings
+    per group: the finalize launch alone, on random partial sums, against
+    functional.finalize on the same sums added in float64."""
+    from alig_fused.functional import finalize, hparams_table
+
+    n_groups = 640
+    gen = torch.Generator().manual_seed(11)
+    params, group_index = [], []
+    for k in range(n_groups):
+        if k % 50 == 3:
+            continue  # a group without tensors
+        chunks = 150 if k == 7 else k % 5 + 1
+        params.append(torch.zeros(64 * chunks - (k % 3)))
+        group_index.append(k)
+    group_hparams = [hparams(lr=0.5 if k % 2 else math.inf, momentum=0.9 * (k % 3 != 0), adjusted=k % 4 == 1,
+                             max_norm=1.0 + k % 7 if k % 3 == 2 else math.inf, eps=1e-5, f_star=0.01 * (k % 2),
+                             scaling=1.0 + (k % 5 == 0)) for k in range(n_groups)]
+    tables = tk._build_tables(params, params, params, group_index, n_groups, torch.device("cpu"), tk.CHUNK)
+    assert tables.n_chunks > 1000
+    partial = torch.rand(tables.n_chunks, 6, generator=gen) * 4
+    partial[:, 3:] -= 2  # the cross terms take both signs
+    tables.partial.copy_(partial)
+    loss = torch.tensor(float("nan") if bad_loss else 2.5, dtype=torch.float64)
+    hp = hparams_table(group_hparams, torch.device("cpu"), None)
+    step_size = torch.zeros(n_groups)
+    skipped = torch.zeros((), dtype=torch.int64)
+    grad_scale, found_inf = torch.ones(()), torch.zeros(())
+    finalizes = [launch for launch in tk.launches(tables, hp, loss, grad_scale, found_inf, step_size, skipped)
+                 if launch[0] is tk._alig_finalize_kernel]
+    assert len(finalizes) == 1 and finalizes[0][3]["TILE"] == tk.FINALIZE_TILE
+    for kernel, grid, args, meta in finalizes:
+        tk._launch(kernel, grid, *args, **meta)
+
+    meta_rows = tables.meta[8: 8 + 8 * tables.n_chunks].reshape(-1, 8)
+    sums = torch.zeros(n_groups, 6, dtype=torch.float64).index_add_(0, meta_rows[:, 4], partial.double())
+    want_step, want_coefs, want_skip = finalize(sums, loss, hp)
+    assert int(skipped) == int(want_skip) == int(bad_loss) and int(tables.skip) == int(bad_loss)
+    torch.testing.assert_close(tables.group_sums, sums, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(step_size, want_step.float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(tables.coefs[:n_groups], want_coefs.float(), rtol=1e-6, atol=1e-7)
+    if not bad_loss:
+        assert (tables.coefs[:, 4] < 1).sum() > 10  # the projection binds in many groups

@@ -60,9 +60,9 @@ def _record_launches(tk):
     launched = []
     tk._launch = lambda kernel, grid, *args, **meta: launched.append((kernel, args, meta))
 
-    def step(n_groups, grad_scale, found_inf, reduce_sums):
+    def step(n_groups, grad_scale, found_inf, reduce_sums, numel=40000):
         dtypes = [torch.float32, torch.bfloat16, torch.float16]
-        params = [torch.randn(40000 + 7 * i).to(dtypes[i % 3]) for i in range(2 * n_groups)]
+        params = [torch.randn(numel + 7 * i).to(dtypes[i % 3]) for i in range(2 * n_groups)]
         grads = [p.clone() for p in params]
         buffers = [torch.zeros_like(p) if i % 2 else torch.empty(0, dtype=p.dtype) for i, p in enumerate(params)]
         group_hparams = [
@@ -78,6 +78,7 @@ def _record_launches(tk):
     step(2, None, None, None)
     step(3, torch.tensor(8.0), torch.tensor(0.0), None)
     step(9, None, None, lambda sums, loss: (sums, loss))  # 16 group slots, the sharded path's two finalizes
+    step(640, None, None, None, numel=10)  # many groups: the finalize's widest tile
     return launched
 
 
@@ -124,7 +125,38 @@ def _signature(kernel, args, meta):
     return signature, constexprs, attrs, options
 
 
+def _sass(cubin: bytes, tmp: Path) -> str:
+    """The SASS of a cubin, by the nvdisasm that ships with triton (or the one on PATH)."""
+    import shutil
+
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    tool = str(bundled) if bundled.exists() else shutil.which("nvdisasm")
+    assert tool, "nvdisasm not found (neither in triton's backends/nvidia/bin nor on PATH)"
+    path = tmp / "kernel.cubin"
+    path.write_bytes(cubin)
+    return subprocess.run([tool, "-c", str(path)], capture_output=True, text=True, check=True).stdout
+
+
+def _fused_multiply_adds(sass: str) -> list[str]:
+    """FFMA/DFMA instructions that contract a product: ``FFMA d, a, b, c`` with neither a nor
+    b the zero register (``FFMA R0, RZ, R13, R17`` is 0*x + c, the compiler's way of passing
+    a NaN through, not a contraction of the source's a*b + c)."""
+    fused = []
+    for line in sass.splitlines():
+        instruction = line.split("*/", 1)[-1].strip().rstrip(" ;")
+        for op in ("FFMA", "DFMA"):
+            if f" {op}" in f" {instruction}":
+                operands = [o.strip() for o in instruction.split(op, 1)[1].split(",")]
+                if len(operands) >= 3 and "RZ" not in operands[1:3]:
+                    fused.append(instruction)
+    return fused
+
+
 def _main(archs):
+    import tempfile
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -152,6 +184,7 @@ def _main(archs):
         kernels |= module_kernels
         launched += record(module)
 
+    tmp = Path(tempfile.mkdtemp())
     seen, compiled, compile_s = set(), [], 0.0
     for kernel, args, meta in launched:
         signature, constexprs, attrs, options = _signature(kernel, args, meta)
@@ -175,6 +208,28 @@ def _main(archs):
                 assert "ld.global.v4.b32" in ptx, f"{kernel.fn.__name__}: no vectorized loads on sm_{arch}"
             if kernel in (tk._alig_pass2_kernel, tla._lookahead_kernel):
                 assert "st.global.v4.b32" in ptx, f"{kernel.fn.__name__}: no vectorized stores on sm_{arch}"
+            if kernel in (tk._alig_pass2_kernel, tk._alig_finalize_kernel):
+                # no fp contraction (launches(): enable_fp_fusion=False), as the interpreter
+                # and the CUDA extension (--fmad=false) compute
+                assert "fma.rn" not in ptx, f"{kernel.fn.__name__}: an fma in the PTX for sm_{arch}"
+            if kernel is tk._alig_pass1_kernel and arch == 90:
+                # loads in flight (triton_kernels.PASS1_UNROLL): every whole-chunk load 16 bytes
+                # for fp32, bf16 and fp16 (3 paths x 3 arrays), unrolled, and no spills
+                sass = _sass(binary.asm["cubin"], tmp)
+                words = [w.rstrip(";") for line in sass.splitlines() for w in line.split()]
+                wide = words.count("LDG.E.128")
+                assert wide >= 9 * tk.PASS1_UNROLL, f"pass 1: {wide} LDG.E.128, expected 9 x {tk.PASS1_UNROLL}"
+                assert not [w for w in words if w.startswith(("LDL", "STL"))], "pass 1 spills to local memory"
+            if kernel is tk._alig_finalize_kernel and arch == 90:
+                # registers bounded whatever the number of groups (tiles): no spills
+                words = [w for line in _sass(binary.asm["cubin"], tmp).splitlines() for w in line.split()]
+                assert not [w for w in words if w.startswith(("LDL", "STL"))], \
+                    f"the finalize spills to local memory ({constexprs})"
+            if kernel is tk._alig_pass2_kernel and arch == 90:
+                # and in the machine code: the update's fp32 math has no FFMA (the DFMAs left
+                # are the Newton steps of the fp64 1/grad_scale, a correctly rounded division)
+                fused = [i for i in _fused_multiply_adds(_sass(binary.asm["cubin"], tmp)) if "FFMA" in i]
+                assert not fused, f"{kernel.fn.__name__}: FFMA on sm_{arch}: {fused[:3]}"
             if kernel is tla._lookahead_kernel:
                 # slow + alpha * (fast - slow) with two roundings: no contraction into an fma
                 assert "fma.rn.f32" not in ptx, f"lookahead: an fp32 fma on sm_{arch}"

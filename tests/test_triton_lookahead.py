@@ -283,6 +283,47 @@ def test_unknown_backend_and_unaddressable_tensors():
     opt = Lookahead(Jitter([torch.zeros(3, dtype=torch.float64)]), backend="triton")
     with pytest.raises(ValueError, match="float32, bfloat16 and float16"):
         opt.step()
-    opt = Lookahead(Jitter([torch.zeros(6, 4).t()]), backend="triton")
-    with pytest.raises(ValueError, match="not contiguous"):
+    opt = Lookahead(Jitter([torch.zeros(4, 12)[:, ::2]]), backend="triton")  # a view with gaps
+    with pytest.raises(ValueError, match="not contiguous nor dense"):
         opt.step()
+    fast = torch.zeros(6, 4).t()  # dense, transposed: the slow weight must share its strides
+    with pytest.raises(ValueError, match="the slow weight of tensor 0 has strides"):
+        tla.triton_lookahead([fast], [torch.zeros(4, 6)], torch.zeros((), dtype=torch.int64), 0.5, 2, {})
+
+
+def test_transposed_parameter_steps_as_contiguous(small_chunks):
+    """A dense non-contiguous parameter (and its slow weight, cloned with its strides) is
+    updated element for element as a contiguous copy of it."""
+    runs = []
+    for transposed in (True, False):
+        p = torch.arange(24.0).reshape(6, 4).t()
+        p = p.clone() if transposed else p.contiguous()  # clone keeps the strides
+        assert p.is_contiguous() != transposed
+        opt = Lookahead(Jitter([p]), k=2, alpha=0.5, backend="triton")
+        for _ in range(4):
+            opt.step()
+        runs.append((p, opt.state[p]["slow_param"]))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert not torch.equal(runs[0][0], torch.arange(24.0).reshape(6, 4).t())  # it did move
+
+
+def test_captured_table_stays_alive_and_rebuild_during_capture_fails(monkeypatch):
+    import gc
+    import weakref
+
+    from alig_fused import triton_kernels as tk
+
+    step = torch.zeros((), dtype=torch.int64)
+    fast, slow = [torch.randn(10)], [torch.randn(10)]
+    cache = {}
+    tla.triton_lookahead(fast, slow, step, 0.5, 2, cache)  # the eager warm-up
+    monkeypatch.setattr(tk, "_capturing", lambda device: True, raising=False)
+    tla.triton_lookahead(fast, slow, step, 0.5, 2, cache)  # "captured"
+    meta = weakref.ref(cache["tables"].meta)
+    with pytest.raises(RuntimeError, match="changed while a CUDA graph is being captured"):
+        tla.triton_lookahead(fast, [torch.randn(10)], step, 0.5, 2, cache)
+    assert int(step) == 2  # the failed call changed nothing
+    monkeypatch.setattr(tk, "_capturing", lambda device: False, raising=False)
+    tla.triton_lookahead(fast, [torch.randn(10)], step, 0.5, 2, cache)  # rebuilt
+    gc.collect()
+    assert meta() is not None
