@@ -229,18 +229,19 @@ def torch_alig(
     skipped_steps.add_(skip.to(skipped_steps.dtype))
 
     # Pass 2: w' = (w + a*b - c*g) * scale (with the old buffer), b' = mu*b - d*g, one batch
-    # at a time: the batch's fp32 products (and fp32 copies of bf16/fp16 storage) stay in
-    # cache, so the several foreach ops over a batch cost about one pass over memory.
+    # at a time: the batch's fp32 temporaries stay in cache, so the few foreach ops over a
+    # batch cost about one pass over memory.
     # A non-finite gradient must not reach the update even with a coefficient of 0
-    # (0 * inf = nan), and foreach has no select: on a skipped step the products c*g and
-    # d*g are zeroed through an integer view of their bits (the coefficients are then the
-    # identity, so w and b come out bit-identical).
+    # (0 * inf = nan), and foreach has no select: the batch's gradient is first copied with
+    # its bits zeroed on a skipped step (an integer multiply by keep_bits; the coefficients
+    # are then the identity, so w and b come out bit-identical); w - c*g is w + g*(-c).
     keep_bits = (~skip).to(torch.int32)
     coefs32 = coefs.to(torch.float32)
     for k, idx in enumerate(by_group):
         if not idx:
             continue
         a, c, d, mu, scale = coefs32[k].unbind()
+        neg_c, neg_d = -c, -d
         momentum = group_hparams[k].momentum > 0
         project = math.isfinite(group_hparams[k].max_norm)
         measure = project and not analytic_projection
@@ -250,17 +251,17 @@ def torch_alig(
         w_norms: list[Tensor] = []
         for w, g_part, *b_part in _batches(*lists):
             w32 = _as_float32(w)
-            g32 = _unscaled32(g_part, inv_scale)
+            g32 = _kept_grads32(g_part, inv_scale, keep_bits)
             if momentum:
                 b = b_part[0]
                 b32 = _as_float32(b)
                 torch._foreach_addcmul_(w32, b32, [a] * len(b32))
-                torch._foreach_sub_(w32, _zero_unless(keep_bits, torch._foreach_mul(g32, c)))
+                torch._foreach_addcmul_(w32, g32, [neg_c] * len(g32))
                 torch._foreach_mul_(b32, mu)
-                torch._foreach_sub_(b32, _zero_unless(keep_bits, torch._foreach_mul(g32, d)))
+                torch._foreach_addcmul_(b32, g32, [neg_d] * len(g32))
                 _copy_back(b, b32)
             else:
-                torch._foreach_sub_(w32, _zero_unless(keep_bits, torch._foreach_mul(g32, c)))
+                torch._foreach_addcmul_(w32, g32, [neg_c] * len(g32))
             if measure:
                 w_norms += torch._foreach_norm(w32)  # ||w'|| before rounding to storage
             elif project:
@@ -312,6 +313,15 @@ def _unscaled32(grads: list[Tensor], inv_scale: Tensor | None) -> list[Tensor]:
         return torch._foreach_mul(g32, inv_scale)
     torch._foreach_mul_(g32, inv_scale)
     return g32
+
+
+def _kept_grads32(grads: list[Tensor], inv_scale: Tensor | None, keep_bits: Tensor) -> list[Tensor]:
+    """New fp32 (or fp64) tensors: the unscaled gradients, all-zero bits when keep_bits == 0."""
+    g32 = _unscaled32(grads, inv_scale)
+    if any(x is y for x, y in zip(g32, grads)):  # fp32/fp64 storage, no grad_scale: one op makes the copy
+        kept = torch._foreach_mul([x.view(_SAME_SIZE_INT[x.dtype]) for x in g32], keep_bits)
+        return [x.view(y.dtype) for x, y in zip(kept, g32)]
+    return _zero_unless(keep_bits, g32)
 
 
 def _sq_sum(norms: list[Tensor]) -> Tensor:
