@@ -198,7 +198,8 @@ def torch_alig(
             continue
         g = [grads[i] for i in idx]
         if not (analytic_projection and math.isfinite(group_hparams[k].max_norm)):
-            sums[k, Sum.GG] = _sq_sum([n for (g_part,) in _batches(g) for n in torch._foreach_norm(_unscaled32(g_part, inv_scale))])
+            g_norms = [n for (g_part,) in _batches(g) for n in torch._foreach_norm(_unscaled32(g_part, inv_scale))]
+            sums[k, Sum.GG] = _sq_sum(g_norms)
             continue
         w = [params[i] for i in idx]
         momentum = group_hparams[k].momentum > 0
