@@ -635,3 +635,57 @@ def test_grad_scaler_with_bf16_autocast_on_cpu(backend):
     for p, q in zip(runs[True], runs[False]):
         # a power-of-two scale is exact in bf16: only the unscaling's rounding differs
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def tiny_torch_batches(monkeypatch):
+    """The torch path's pieces and batches at a few elements, so that the test shapes are
+    split into flat views and spread over several batches."""
+    from alig_fused import functional
+
+    monkeypatch.setattr(functional, "PIECE_ELEMENTS", 5)
+    monkeypatch.setattr(functional, "BATCH_ELEMENTS", 11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", ["momentum", "projection", "projection_no_momentum"])
+def test_torch_path_in_pieces_follows_reference(tiny_torch_batches, config, dtype):
+    run = run_pair([(SHAPES, CONFIGS[config]), ([(9,), (2, 2)], CONFIGS["momentum"])], "torch", dtype=dtype)
+    assert_follows_reference(run.fused, run.exact, run.plain, dtype)
+    assert int(run.opt.skipped_steps) == 0
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["measured", "analytic"])
+def test_torch_path_in_pieces_equals_whole_tensors(monkeypatch, sharded):
+    """Splitting into pieces changes only the rounding of the sums (fp32 norms per piece),
+    for the measured projection and for the sharded path's analytic one (reduce_sums)."""
+    from alig_fused import functional
+
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(40, 13), (7,), (1,), (300,)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) * 0.1 for s in shapes] for _ in range(3)]
+    hparams = [functional.GroupHParams(0.5, 0.9, False, 3.0, 1e-5, 0.0, 1.0), functional.GroupHParams(0.2, 0.0, False, math.inf, 1e-5, 0.0, 1.0)]
+    group_index = [0, 0, 1, 0]
+    runs = {}
+    for piece, batch in ((1 << 16, 1 << 17), (16, 50)):
+        monkeypatch.setattr(functional, "PIECE_ELEMENTS", piece)
+        monkeypatch.setattr(functional, "BATCH_ELEMENTS", batch)
+        params = [p.clone() for p in start]
+        buffers = [torch.zeros_like(start[0]), torch.zeros_like(start[1]), torch.empty(0), torch.zeros_like(start[3])]
+        step_size, skipped = torch.zeros(2), torch.zeros((), dtype=torch.int64)
+        scale = torch.tensor(4.0)
+        for g in grads:
+            functional.torch_alig(
+                params, [x * 4 for x in g], buffers, group_index, hparams, torch.tensor(2.0, dtype=torch.float64),
+                step_size, skipped, scale, None, {}, (lambda s, l: (s, l)) if sharded else None,
+            )
+        runs[piece] = params + buffers, step_size.clone()
+        assert int(skipped) == 0
+    (whole, whole_sizes), (pieces, piece_sizes) = runs.values()
+    assert not torch.equal(whole[0], start[0])
+    for x, y in zip(whole, pieces):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole_sizes, piece_sizes, rtol=1e-5, atol=0)
+    norm = math.sqrt(sum(float(p.double().norm()) ** 2 for i, p in enumerate(pieces[:4]) if group_index[i] == 0))
+    assert norm == pytest.approx(3.0, rel=1e-5)  # the ball binds and holds
