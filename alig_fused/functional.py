@@ -26,6 +26,7 @@ __all__ = [
     "Sum",
     "Coef",
     "GroupHParams",
+    "MAX_GRAD_SQ_NORM",
     "finalize",
     "torch_alig",
 ]
@@ -67,6 +68,10 @@ class Coef:
     COUNT = 5
 
 
+MAX_GRAD_SQ_NORM = torch.finfo(torch.float32).max
+"""A step whose squared gradient norm G is not below this (float32's max) is skipped."""
+
+
 class GroupHParams(NamedTuple):
     lr: float
     momentum: float
@@ -98,7 +103,11 @@ def finalize(
     f_star, scaling = hparams[:, HParam.F_STAR], hparams[:, HParam.SCALING]
 
     grad_sq_norm = sums[:, Sum.GG].sum()
-    skip = ~(torch.isfinite(loss) & torch.isfinite(grad_sq_norm))
+    # Skip when G is not below float32's max (nan, inf included), not merely when it is not
+    # finite: the kernels add fp32 partial sums, one of which overflows to inf only where G
+    # is at least FLT_MAX anyway (up to its fp32 rounding), while float64 sums of an element
+    # of 1e20 give a finite 1e40. With this bound every backend skips the same steps.
+    skip = ~(torch.isfinite(loss) & (grad_sq_norm < MAX_GRAD_SQ_NORM))
     if found_inf is not None:
         skip = skip | (found_inf.reshape(()) > 0)
 
@@ -220,31 +229,40 @@ def torch_alig(
     # (0 * inf = nan), and foreach has no select: on a skipped step the products c*g and
     # d*g are zeroed through an integer view of their bits (the coefficients are then the
     # identity, so w and b come out bit-identical).
+    # The coefficients are float32, the kernels' precision, except for float64 tensors,
+    # which step with the float64 ones (float32 coefficients would cost them ~1e-8 relative
+    # per step).
     keep_bits = (~skip).to(torch.int32)
-    coefs32 = coefs.to(torch.float32)
+    coefs_of = {torch.float32: coefs.to(torch.float32), torch.float64: coefs}
     for k, idx in enumerate(by_group):
         if not idx:
             continue
-        a, c, d, mu, scale = coefs32[k].unbind()
-        w = [params[i] for i in idx]
-        w32 = _as_float32(w)
-        g32 = [grads32[i] for i in idx]
-        if group_hparams[k].momentum > 0:
-            b = [momentum_buffers[i] for i in idx]
-            b32 = _as_float32(b)
-            torch._foreach_addcmul_(w32, b32, [a] * len(b32))
-            torch._foreach_sub_(w32, _zero_unless(keep_bits, torch._foreach_mul(g32, c)))
-            torch._foreach_mul_(b32, mu)
-            torch._foreach_sub_(b32, _zero_unless(keep_bits, torch._foreach_mul(g32, d)))
-            _copy_back(b, b32)
-        else:
-            torch._foreach_sub_(w32, _zero_unless(keep_bits, torch._foreach_mul(g32, c)))
+        stepped = []  # (params, their working copies, the coefficients' dtype, the analytic scale)
+        for part in _split_float64(idx, params):
+            coef_dtype = torch.float64 if params[part[0]].dtype == torch.float64 else torch.float32
+            a, c, d, mu, scale = coefs_of[coef_dtype][k].unbind()
+            w = [params[i] for i in part]
+            w32 = _as_float32(w)
+            g32 = [grads32[i] for i in part]
+            if group_hparams[k].momentum > 0:
+                b = [momentum_buffers[i] for i in part]
+                b32 = _as_float32(b)
+                torch._foreach_addcmul_(w32, b32, [a] * len(b32))
+                torch._foreach_sub_(w32, _zero_unless(keep_bits, torch._foreach_mul(g32, c)))
+                torch._foreach_mul_(b32, mu)
+                torch._foreach_sub_(b32, _zero_unless(keep_bits, torch._foreach_mul(g32, d)))
+                _copy_back(b, b32)
+            else:
+                torch._foreach_sub_(w32, _zero_unless(keep_bits, torch._foreach_mul(g32, c)))
+            stepped.append((w, w32, coef_dtype, scale))
         if math.isfinite(group_hparams[k].max_norm):
-            if not analytic_projection:
-                norm_sq = _sq_norm(w32)
-                scale = torch.where(skip, 1.0, projection_scale(norm_sq, hparams[k, HParam.MAX_NORM])).to(torch.float32)
-            torch._foreach_mul_(w32, scale)
-        _copy_back(w, w32)
+            if not analytic_projection:  # the norm of the whole group, whatever the dtypes
+                norm_sq = _sq_norm([t for _, w32, _, _ in stepped for t in w32])
+                measured = torch.where(skip, 1.0, projection_scale(norm_sq, hparams[k, HParam.MAX_NORM]))
+            for _, w32, coef_dtype, scale in stepped:
+                torch._foreach_mul_(w32, scale if analytic_projection else measured.to(coef_dtype))
+        for w, w32, _, _ in stepped:
+            _copy_back(w, w32)
 
 
 ReduceSums = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor]"]
@@ -281,6 +299,13 @@ def hparams_table(group_hparams: list[GroupHParams], device: torch.device, cache
     if cache is not None:
         cache["hparams_key"], cache["hparams"] = key, table
     return table
+
+
+def _split_float64(idx: list[int], params: list[Tensor]) -> list[list[int]]:
+    """``idx`` as [float64 tensors, the others], without the empty part."""
+    float64 = [i for i in idx if params[i].dtype == torch.float64]
+    others = [i for i in idx if params[i].dtype != torch.float64]
+    return [part for part in (float64, others) if part]
 
 
 def _split_by_group(group_index: list[int], n_groups: int) -> list[list[int]]:
