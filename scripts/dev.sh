@@ -26,7 +26,7 @@ setup() {
     log "installing torch, triton and the tools"
     # torch first and pinned, so nothing below pulls a multi-GB CUDA build in its place.
     pip_install "$TORCH_SPEC" "$TRITON_SPEC" numpy setuptools wheel ninja
-    pip_install pytest pytest-benchmark scikit-learn matplotlib tqdm
+    pip_install pytest pytest-benchmark hypothesis scikit-learn matplotlib tqdm
     pip_install --no-deps pytorch_optimizer
     log "installing alig_fused (editable; builds the C++ extension against the venv's torch)"
     # No build isolation: an isolated build would fetch its own (CUDA) torch to compile against.
