@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 
 from . import backends
 from .backends import BackendUnavailableError
+from .optim import _checked_count
 
 __all__ = ["Lookahead"]
 
@@ -54,19 +55,6 @@ def _check_k_alpha(k: Any, alpha: Any) -> None:
         raise ValueError(f"invalid Lookahead k {k!r}: must be an int >= 1")
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"invalid Lookahead alpha {alpha!r}: must be a number in [0, 1]")
-
-
-def _checked_step(step: Any) -> Tensor:
-    """A saved step counter (a one-element integer tensor, or an int) as a 0-dim tensor."""
-    if isinstance(step, Tensor):
-        if step.numel() != 1:
-            raise ValueError(f"state_dict['lookahead']['step'] must be one count, got shape {tuple(step.shape)}")
-        if step.is_floating_point() or step.is_complex() or step.dtype == torch.bool:
-            raise TypeError(f"state_dict['lookahead']['step'] must be an integer count, got {step.dtype}")
-        return step.detach().reshape(())
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise TypeError(f"state_dict['lookahead']['step'] must be an integer count, got {type(step).__name__}")
-    return torch.tensor(step, dtype=torch.int64)
 
 
 class Lookahead(Optimizer):
@@ -247,7 +235,7 @@ class Lookahead(Optimizer):
             raise ValueError("not a Lookahead state_dict: 'lookahead' needs 'k', 'alpha', 'step' and 'slow_params'")
         k, alpha = saved["k"], saved["alpha"]
         _check_k_alpha(k, alpha)
-        step = _checked_step(saved["step"])
+        step = _checked_count(saved["step"], "state_dict['lookahead']['step']")
         params = self._params()
         slow_params = saved["slow_params"]
         if not isinstance(slow_params, dict):

@@ -164,7 +164,7 @@ class FusedALIG(Optimizer):
         state_dict["param_groups"] = self._checked_groups(state_dict)
         self._check_loaded_state(state_dict)
         if skipped is not None:
-            skipped = _checked_skipped_steps(skipped)
+            skipped = _checked_count(skipped, "state_dict['skipped_steps']")
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -461,17 +461,17 @@ def _check_hparams(group: dict, where: str) -> None:
         raise TypeError(f"{where}: adjusted_momentum must be a bool")
 
 
-def _checked_skipped_steps(skipped: Any) -> Tensor:
-    """A saved skipped-step count (a one-element integer tensor, or an int) as a 0-dim tensor."""
-    if isinstance(skipped, Tensor):
-        if skipped.numel() != 1:
-            raise ValueError(f"state_dict['skipped_steps'] must be one count, got shape {tuple(skipped.shape)}")
-        if skipped.is_floating_point() or skipped.is_complex() or skipped.dtype == torch.bool:
-            raise TypeError(f"state_dict['skipped_steps'] must be an integer count, got {skipped.dtype}")
-        return skipped.detach().reshape(())
-    if isinstance(skipped, bool) or not isinstance(skipped, int):
-        raise TypeError(f"state_dict['skipped_steps'] must be an integer count, got {type(skipped).__name__}")
-    return torch.tensor(skipped, dtype=torch.int64)
+def _checked_count(value: Any, where: str) -> Tensor:
+    """A saved counter (a one-element integer tensor, or an int) as a 0-dim tensor, checked."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{where} must be one count, got shape {tuple(value.shape)}")
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{where} must be an integer count, got {value.dtype}")
+        return value.detach().reshape(())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where} must be an integer count, got {type(value).__name__}")
+    return torch.tensor(value, dtype=torch.int64)
 
 
 def _common_device(tensors: Iterable[Tensor]) -> torch.device | None:
