@@ -52,7 +52,7 @@ def make_groups(spec, seed=0):
 
 def run_pair(
     spec, backend, dtype=torch.float32, steps=STEPS, inactive=None, use_closure=False, seed=0, loss_as_float=False,
-    **opt_kwargs,
+    perturb=None, **opt_kwargs,
 ):
     """Run FusedALIG (dtype) and the float64 reference from the same start for ``steps``.
 
@@ -60,6 +60,8 @@ def run_pair(
     inactive(step, flat_index) -> True leaves that tensor without a gradient at that step.
     loss_as_float: FusedALIG gets the loss as a Python float (else as the loss tensor);
     use_closure: through a closure returning it.
+    perturb(step, params, loss) -> loss, applied to each of the three runs alike after the
+    backward pass, may edit the gradients or the loss (e.g. to make a step that is skipped).
     Returns a namespace: fused (params), opt, exact (float64 reference params), reference,
     plain (the plain loop's params in ``dtype``), expected_step_sizes (the reference formula
     applied to the fused run's own last loss and gradients).
@@ -90,6 +92,8 @@ def run_pair(
                 p.grad = None
             loss = problem_loss(flat, targets, active)
             loss.backward()
+            if perturb is not None:
+                loss = perturb(step, flat, loss)
             if reference is None:
                 expected = expected_step_sizes(fused_groups, float(loss.detach()), opt_kwargs.get("eps", 1e-5))
                 given = float(loss.detach()) if loss_as_float else loss

@@ -2,8 +2,9 @@
 
 Each case draws param groups (shapes, hyper-parameters: cap or none, standard, adjusted or
 no momentum, a ball or none, eps, f_star, scaling), the storage dtype (one for the model,
-or one per tensor), gradients that come and go between steps, and how the loss is given
-(a tensor, a float, a closure), then runs FusedALIG and tests/reference.py side by side
+or one per tensor), gradients that come and go between steps, how the loss is given (a
+tensor, a float, a closure) and maybe a step to skip (a nan loss, an inf or a huge finite
+gradient element), then runs FusedALIG and tests/reference.py side by side
 (test_alig.run_pair) on every backend that runs on CPU. The trajectory must stay within
 test_alig's calibrated bound of the float64 reference, and each group's step size must be
 the reference formula applied to the run's own last loss and gradients.
@@ -81,14 +82,32 @@ def cases(draw, backend):
     for row in missing:
         if all(row):
             row[rng.randrange(n)] = False
+    # At most one step skipped on purpose: a nan loss, an inf gradient element, or a finite
+    # gradient element of 1e20 (||g||^2 = 1e40: skipped by the same rule on every backend).
+    skip_at = draw(st.one_of(st.none(), st.integers(0, steps - 1)))
     return dict(
         spec=spec,
         dtype=dtype,
         steps=steps,
         missing=missing,
+        skip_at=skip_at,
+        skip_by=draw(st.sampled_from(["nan_loss", "inf_grad", "huge_grad"])) if skip_at is not None else None,
         loss=draw(st.sampled_from(["tensor", "float", "closure"])),
         seed=draw(st.integers(0, 10_000)),
     )
+
+
+def perturb(case):
+    def edit(step, params, loss):
+        if step != case["skip_at"]:
+            return loss
+        if case["skip_by"] == "nan_loss":
+            return torch.full_like(loss.detach(), float("nan"))
+        stepped = next(p for p in params if p.grad is not None)
+        stepped.grad.view(-1)[0] = float("inf") if case["skip_by"] == "inf_grad" else 1e20  # fp16: 1e20 is inf
+        return loss
+
+    return edit
 
 
 def check_case(case, backend):
@@ -101,6 +120,7 @@ def check_case(case, backend):
         use_closure=case["loss"] == "closure",
         loss_as_float=case["loss"] == "float",
         seed=case["seed"],
+        perturb=perturb(case),
     )
     dtypes = case["dtype"] if isinstance(case["dtype"], list) else [case["dtype"]] * len(run.fused)
     assert [p.dtype for p in run.fused] == dtypes
@@ -110,15 +130,19 @@ def check_case(case, backend):
     plain_error = trajectory_error(run.plain, run.exact)
     bound = 3 * plain_error + max(FLOOR[d] for d in dtypes)
     assert fused_error <= bound, f"{fused_error:.3g} from the float64 reference, plain loop {plain_error:.3g}"
-    assert int(run.opt.skipped_steps) == 0
+    skipped = int(case["skip_at"] is not None)
+    assert int(run.opt.skipped_steps) == skipped and run.reference.skipped == skipped
     flat_group = [k for k, (shapes_k, _) in enumerate(case["spec"]) for _ in shapes_k]
     last_active = {flat_group[i] for i, gone in enumerate(case["missing"][-1]) if not gone}
+    last_skipped = case["skip_at"] == case["steps"] - 1
     for k in last_active:  # a group stepped in the last step reports that step's size
         step_size = float(run.opt.param_groups[k]["step_size"])
-        assert step_size == pytest.approx(run.expected_step_sizes[k], rel=1e-5, abs=1e-9), f"group {k}"
+        expected = 0.0 if last_skipped else run.expected_step_sizes[k]
+        assert step_size == pytest.approx(expected, rel=1e-5, abs=1e-9), f"group {k}"
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
+# numpy, under the Triton interpreter, warns of the inf/nan that a skipped step's gradient holds
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
 def test_random_cases_follow_the_reference(backend):
     examples = int(SCALE) if SCALE else EXAMPLES[backend]
     if backend == "cpp" and torch.get_num_threads() == 1 and not SCALE:
