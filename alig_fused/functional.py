@@ -26,6 +26,7 @@ __all__ = [
     "Sum",
     "Coef",
     "GroupHParams",
+    "MAX_GRAD_SQ_NORM",
     "finalize",
     "torch_alig",
 ]
@@ -67,6 +68,10 @@ class Coef:
     COUNT = 5
 
 
+MAX_GRAD_SQ_NORM = torch.finfo(torch.float32).max
+"""A step whose squared gradient norm G is not below this (float32's max) is skipped."""
+
+
 class GroupHParams(NamedTuple):
     """One group's hyper-parameters as host numbers (the backends branch on them statically).
 
@@ -104,7 +109,11 @@ def finalize(
     f_star, scaling = hparams[:, HParam.F_STAR], hparams[:, HParam.SCALING]
 
     grad_sq_norm = sums[:, Sum.GG].sum()
-    skip = ~(torch.isfinite(loss) & torch.isfinite(grad_sq_norm))
+    # Skip when G is not below float32's max (nan, inf included), not merely when it is not
+    # finite: the kernels add fp32 partial sums, one of which overflows to inf only where G
+    # is at least FLT_MAX anyway (up to its fp32 rounding), while float64 sums of an element
+    # of 1e20 give a finite 1e40. With this bound every backend skips the same steps.
+    skip = ~(torch.isfinite(loss) & (grad_sq_norm < MAX_GRAD_SQ_NORM))
     if found_inf is not None:
         skip = skip | (found_inf.reshape(()) > 0)
 
@@ -242,43 +251,52 @@ def torch_alig(
     # (0 * inf = nan), and foreach has no select: the batch's gradient is first copied with
     # its bits zeroed on a skipped step (an integer multiply by keep_bits; the coefficients
     # are then the identity, so w and b come out bit-identical); w - c*g is w + g*(-c).
+    # The coefficients are float32, the kernels' precision, except for float64 tensors,
+    # which step with the float64 ones (float32 coefficients would cost them ~1e-8 relative
+    # per step).
     keep_bits = (~skip).to(torch.int32)
-    coefs32 = coefs.to(torch.float32)
+    coefs_of = {torch.float32: coefs.to(torch.float32), torch.float64: coefs}
     for k, idx in enumerate(by_group):
         if not idx:
             continue
-        a, c, d, mu, scale = coefs32[k].unbind()
-        neg_c, neg_d = -c, -d
         momentum = group_hparams[k].momentum > 0
         project = math.isfinite(group_hparams[k].max_norm)
         measure = project and not analytic_projection
-        w_all = [params[i] for i in idx]
-        g = [grads[i] for i in idx]
-        lists = (w_all, g, [momentum_buffers[i] for i in idx]) if momentum else (w_all, g)
         w_norms: list[Tensor] = []
-        for w, g_part, *b_part in _batches(*lists):
-            w32 = _as_float32(w)
-            g32 = _kept_grads32(g_part, inv_scale, keep_bits)
-            if momentum:
-                b = b_part[0]
-                b32 = _as_float32(b)
-                torch._foreach_addcmul_(w32, b32, [a] * len(b32))
-                torch._foreach_addcmul_(w32, g32, [neg_c] * len(g32))
-                torch._foreach_mul_(b32, mu)
-                torch._foreach_addcmul_(b32, g32, [neg_d] * len(g32))
-                _copy_back(b, b32)
-            else:
-                torch._foreach_addcmul_(w32, g32, [neg_c] * len(g32))
-            if measure:
-                w_norms += torch._foreach_norm(w32)  # ||w'|| before rounding to storage
-            elif project:
-                torch._foreach_mul_(w32, scale)
-            _copy_back(w, w32)
+        parts = _split_float64(idx, params)
+        for part in parts:
+            coef_dtype = torch.float64 if params[part[0]].dtype == torch.float64 else torch.float32
+            a, c, d, mu, scale = coefs_of[coef_dtype][k].unbind()
+            neg_c, neg_d = -c, -d
+            w_all = [params[i] for i in part]
+            g = [grads[i] for i in part]
+            lists = (w_all, g, [momentum_buffers[i] for i in part]) if momentum else (w_all, g)
+            for w, g_part, *b_part in _batches(*lists):
+                w32 = _as_float32(w)
+                g32 = _kept_grads32(g_part, inv_scale, keep_bits)
+                if momentum:
+                    b = b_part[0]
+                    b32 = _as_float32(b)
+                    torch._foreach_addcmul_(w32, b32, [a] * len(b32))
+                    torch._foreach_addcmul_(w32, g32, [neg_c] * len(g32))
+                    torch._foreach_mul_(b32, mu)
+                    torch._foreach_addcmul_(b32, g32, [neg_d] * len(g32))
+                    _copy_back(b, b32)
+                else:
+                    torch._foreach_addcmul_(w32, g32, [neg_c] * len(g32))
+                if measure:
+                    w_norms += torch._foreach_norm(w32)  # ||w'|| before rounding to storage
+                elif project:
+                    torch._foreach_mul_(w32, scale)
+                _copy_back(w, w32)
         if measure:
-            # The projection, measured: one more in-place pass (as the C++ CPU op's pass 3),
-            # over the stored w' (rounded once more for bf16/fp16, as there).
-            scale = torch.where(skip, 1.0, projection_scale(_sq_sum(w_norms), hparams[k, HParam.MAX_NORM]))
-            torch._foreach_mul_(w_all, scale.to(torch.float32))
+            # The projection, measured over the whole group, whatever the dtypes: one more
+            # in-place pass (as the C++ CPU op's pass 3), over the stored w' (rounded once
+            # more for bf16/fp16, as there).
+            measured = torch.where(skip, 1.0, projection_scale(_sq_sum(w_norms), hparams[k, HParam.MAX_NORM]))
+            for part in parts:
+                dtype = torch.float64 if params[part[0]].dtype == torch.float64 else torch.float32
+                torch._foreach_mul_([params[i] for i in part], measured.to(dtype))
 
 
 # Pieces and batches of the torch path (elements). fp32 norms of pieces of 2^17 elements,
@@ -410,6 +428,13 @@ def hparams_table(group_hparams: list[GroupHParams], device: torch.device, cache
 
 def _rows(values: tuple) -> list[list[float]]:
     return [[math.nan if v is None else float(v) for v in h] for h in values]
+
+
+def _split_float64(idx: list[int], params: list[Tensor]) -> list[list[int]]:
+    """``idx`` as [float64 tensors, the others], without the empty part."""
+    float64 = [i for i in idx if params[i].dtype == torch.float64]
+    others = [i for i in idx if params[i].dtype != torch.float64]
+    return [part for part in (float64, others) if part]
 
 
 def _split_by_group(group_index: list[int], n_groups: int) -> list[list[int]]:
