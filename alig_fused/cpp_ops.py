@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ._cpp_loader import ExtensionUnavailable, load_extension
-from .functional import GroupHParams, ReduceSums, Sum, hparams_table
+from .functional import Coef, GroupHParams, ReduceSums, Sum, hparams_table
 
 __all__ = ["cpp_alig", "has_device", "ExtensionUnavailable"]
 
@@ -38,6 +38,20 @@ def _alig_update_fake(
     params, grads, momentum_buffers, group_index, hparams, sums, loss, step_size, skipped_steps, grad_scale, found_inf
 ) -> None:
     return None
+
+
+# The finalize alone (CPU; tests/test_finalize_conformance.py). An extension built before
+# the op existed lacks it: nothing to register then.
+if hasattr(torch.ops.alig_fused, "alig_finalize"):
+
+    @torch.library.register_fake("alig_fused::alig_finalize")
+    def _alig_finalize_fake(sums, loss, hparams, found_inf) -> tuple[Tensor, Tensor, Tensor]:
+        n_groups = hparams.shape[0]
+        return (
+            hparams.new_empty((n_groups,)),
+            hparams.new_empty((n_groups, Coef.COUNT), dtype=torch.float32),
+            hparams.new_empty((), dtype=torch.bool),
+        )
 
 
 def has_device(device_type: str) -> bool:

@@ -2,7 +2,10 @@
 // shared by their CPU and CUDA kernels. Fake kernels: alig_fused/cpp_ops.py.
 #include "alig_ops.h"
 
+#include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <tuple>
 
 namespace alig_fused {
 
@@ -158,3 +161,50 @@ TORCH_LIBRARY(alig_fused, m) {
       "Tensor hparams, Tensor sums, Tensor loss, Tensor(c!) step_size, Tensor(d!) skipped_steps, "
       "Tensor? grad_scale, Tensor? found_inf) -> ()");
 }
+
+// ---------------------------------------------------------------------------------------
+// alig_finalize: the finalize alone (CPU), for tests/test_finalize_conformance.py. The
+// same alig_math.h functions the CPU and CUDA kernels call between their passes, fed the
+// caller's per-group sums; returns (step_size [n] float64, coefs [n, 5] float32, skip bool).
+// ---------------------------------------------------------------------------------------
+
+namespace alig_fused {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> alig_finalize_cpu(const at::Tensor& sums, const at::Tensor& loss,
+                                                                 const at::Tensor& hparams,
+                                                                 const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK_VALUE(hparams.dim() == 2 && hparams.size(1) == hparam::kCount && hparams.scalar_type() == at::kDouble,
+                    "alig_fused: hparams must be a float64 tensor of shape [n_groups, ", hparam::kCount, "]");
+  const int64_t n_groups = hparams.size(0);
+  TORCH_CHECK_VALUE(sums.dim() == 2 && sums.size(0) == n_groups && sums.size(1) == sum::kCount &&
+                        sums.scalar_type() == at::kDouble,
+                    "alig_fused: sums must be a float64 tensor of shape [n_groups = ", n_groups, ", ", sum::kCount,
+                    "]");
+  TORCH_CHECK_VALUE(loss.numel() == 1 && at::isFloatingType(loss.scalar_type()),
+                    "alig_fused: loss must be a floating-point scalar tensor");
+  const at::Tensor s = sums.contiguous();
+  const at::Tensor hp = hparams.contiguous();
+  const double loss_value = loss.to(at::kDouble).item<double>();
+  // found_inf as the kernels read it: an fp32 scalar, > 0 means skip.
+  const bool inf_found = found_inf.has_value() && found_inf->defined() && found_inf->to(at::kFloat).item<float>() > 0;
+  const double grad_sq_norm = total_grad_sq_norm(s.data_ptr<double>(), n_groups);
+  const bool skip = step_is_skipped(loss_value, grad_sq_norm, inf_found);
+  at::Tensor step_size = at::empty({n_groups}, hparams.options());
+  at::Tensor coefs = at::empty({n_groups, coef::kCount}, hparams.options().dtype(at::kFloat));
+  for (int64_t k = 0; k < n_groups; ++k) {
+    step_size.data_ptr<double>()[k] =
+        finalize_group(hp.data_ptr<double>() + k * hparam::kCount, s.data_ptr<double>() + k * sum::kCount,
+                       loss_value, grad_sq_norm, skip, coefs.data_ptr<float>() + k * coef::kCount);
+  }
+  return {step_size, coefs, at::scalar_tensor(skip, hparams.options().dtype(at::kBool))};
+}
+
+}  // namespace
+}  // namespace alig_fused
+
+TORCH_LIBRARY_FRAGMENT(alig_fused, m) {
+  m.def("alig_finalize(Tensor sums, Tensor loss, Tensor hparams, Tensor? found_inf) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(alig_fused, CPU, m) { m.impl("alig_finalize", &alig_fused::alig_finalize_cpu); }
