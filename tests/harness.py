@@ -129,6 +129,29 @@ def backward(params, targets, active=None):
     return loss
 
 
+def many_tensor_model(device, n_tensors=200):
+    """fp32, bf16 and fp16 tensors of odd sizes, static grads, two groups."""
+    gen = torch.Generator().manual_seed(0)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    params = [torch.randn(1 + (37 * i) % 5000, generator=gen).to(device=device, dtype=dtypes[i % 3]).requires_grad_()
+              for i in range(n_tensors)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(device=device, dtype=p.dtype) * 1e-2
+    half = n_tensors // 2
+    return params, [{"params": params[:half], "momentum": 0.9, "max_norm": 20.0}, {"params": params[half:], "lr": 0.1}]
+
+
+def replica(spec, dtype=torch.float32, device="cpu", seed=0):
+    """(flat params, param groups) of make_groups(spec) in ``dtype`` on ``device``, and the targets."""
+    flat, groups, targets = [], [], []
+    for tensors, tgts, hparams in make_groups(spec, seed):
+        params = [t.to(device=device, dtype=dtype, copy=True).requires_grad_() for t in tensors]
+        flat += params
+        targets += [t.to(device) for t in tgts]
+        groups.append({"params": params, **hparams})
+    return flat, groups, targets
+
+
 def train(opt, params, targets, steps):
     for _ in range(steps):
         opt.step(loss=backward(params, targets))
@@ -151,7 +174,8 @@ def run_pair(
     backward pass, may edit the gradients or the loss (e.g. to make a step that is skipped).
     Returns a namespace: fused (params), opt, exact (float64 reference params, CPU), reference,
     plain (the plain loop's params in ``dtype``, CPU), expected_step_sizes (the reference
-    formula applied to the fused run's own last loss and gradients).
+    formula applied to the fused run's own last loss and gradients), step_sizes (the fused
+    run's per-group step sizes after each step).
     """
     groups = make_groups(spec, seed)
     fused_groups, ref_groups, lowp_groups, fused_flat, ref_flat, lowp_flat, targets = [], [], [], [], [], [], []
@@ -173,7 +197,7 @@ def run_pair(
     ref_kwargs = {"eps_default": opt_kwargs["eps"]} if "eps" in opt_kwargs else {}
     ref = ReferenceALIG(ref_groups, **ref_kwargs)
     lowp_ref = ReferenceALIG(lowp_groups, **ref_kwargs)
-    expected = None
+    expected, step_sizes = None, []
     for step in range(steps):
         active = [not (inactive and inactive(step, i)) for i in range(len(fused_flat))]
         for flat, reference, tgts in ((fused_flat, None, fused_targets), (ref_flat, ref, targets), (lowp_flat, lowp_ref, targets)):
@@ -185,11 +209,12 @@ def run_pair(
                 given = float(loss.detach()) if loss_as_float else loss
                 returned = opt.step(lambda: given) if use_closure else opt.step(loss=given)
                 assert returned is given
+                step_sizes.append([float(g["step_size"]) for g in opt.param_groups])
             else:
                 reference.step(float(loss.detach()))
     return SimpleNamespace(
         fused=fused_flat, opt=opt, exact=ref_flat, reference=ref, plain=lowp_flat, expected_step_sizes=expected,
-        targets=fused_targets,
+        targets=fused_targets, step_sizes=step_sizes,
     )
 
 

@@ -24,6 +24,7 @@ from harness import (
     backward,
     bit_identical,
     make_groups,
+    many_tensor_model,
     problem_loss,
     run_pair,
     snapshot,
@@ -530,18 +531,6 @@ def test_missing_or_bad_loss(case):
 
 
 # ----- CUDA only: no host sync, CUDA graphs ------------------------------------------------------
-
-
-def many_tensor_model(device, n_tensors=200):
-    """fp32, bf16 and fp16 tensors of odd sizes, static grads, two groups."""
-    gen = torch.Generator().manual_seed(0)
-    dtypes = [torch.float32, torch.bfloat16, torch.float16]
-    params = [torch.randn(1 + (37 * i) % 5000, generator=gen).to(device=device, dtype=dtypes[i % 3]).requires_grad_()
-              for i in range(n_tensors)]
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen).to(device=device, dtype=p.dtype) * 1e-2
-    half = n_tensors // 2
-    return params, [{"params": params[:half], "momentum": 0.9, "max_norm": 20.0}, {"params": params[half:], "lr": 0.1}]
 
 
 def test_no_host_sync(cuda_case):

@@ -16,7 +16,7 @@ import torch
 from alig_fused import FusedALIG, Lookahead, backends
 from conftest import require_backend
 from reference import ReferenceALIG
-from test_alig import make_groups, problem_loss, trajectory_error
+from harness import make_groups, problem_loss, trajectory_error
 
 CPU = torch.device("cpu")
 

@@ -9,7 +9,7 @@ import torch
 
 from alig_fused import AliG, FusedALIG, Lookahead, l2_projection
 from reference import ReferenceALIG
-from test_alig import SHAPES, make_groups, problem_loss, trajectory_error
+from harness import SHAPES, make_groups, problem_loss, trajectory_error
 
 
 def lookahead_reference(groups_spec, steps, k, alpha, targets, params):

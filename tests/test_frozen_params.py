@@ -8,7 +8,7 @@ import torch
 
 from alig_fused import FusedALIG
 from reference import ReferenceALIG
-from test_alig import SHAPES, assert_follows_reference, make_groups, problem_loss
+from harness import SHAPES, assert_follows_reference, make_groups, problem_loss
 
 HPARAMS = {"lr": 0.2, "momentum": 0.9, "max_norm": 1.5}  # the ball binds from the start
 

@@ -12,7 +12,7 @@ import torch
 from alig_fused import FusedALIG
 from alig_fused.functional import HParam
 from reference import ReferenceALIG
-from test_alig import SHAPES, make_groups, problem_loss, trajectory_error
+from harness import SHAPES, make_groups, problem_loss, trajectory_error
 
 SCHEDULERS = {
     "LambdaLR": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0 / (1 + e)),

@@ -26,7 +26,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from test_alig import FLOOR, run_pair, trajectory_error  # noqa: E402
+from harness import FLOOR, run_pair, trajectory_error  # noqa: E402
 
 KERNEL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Examples per backend, sized so that the whole file runs in ~20 s on 2 shared cores: the

@@ -22,20 +22,23 @@ pytest.importorskip("triton")
 from alig_fused import BackendUnavailableError, FusedALIG, Lookahead  # noqa: E402
 from alig_fused import lookahead as lookahead_module  # noqa: E402
 from alig_fused import triton_lookahead as tla  # noqa: E402
-from test_alig import SHAPES, assert_follows_reference, make_groups, problem_loss  # noqa: E402
+from harness import SHAPES, assert_follows_reference, make_groups, problem_loss  # noqa: E402
 from test_extras import lookahead_reference  # noqa: E402
-from test_triton import bf16_round_to_nearest_even  # noqa: E402,F401 (autouse: the GPU's fp32 -> bf16 rounding)
+
 
 try:
     from triton.runtime.interpreter import InterpretedFunction
 except ImportError:  # pragma: no cover
     InterpretedFunction = ()
 
-pytestmark = pytest.mark.skipif(
-    not isinstance(tla._lookahead_kernel, InterpretedFunction),
-    reason="the Triton interpreter is not active in this process (TRITON_INTERPRET unset when triton was "
-    "imported); tests/test_gpu_triton.py runs the kernel on the GPU",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not isinstance(tla._lookahead_kernel, InterpretedFunction),
+        reason="the Triton interpreter is not active in this process (TRITON_INTERPRET unset when triton was "
+        "imported); tests/test_gpu_triton.py runs the kernel on the GPU",
+    ),
+    pytest.mark.usefixtures("bf16_round_to_nearest_even"),  # tests/conftest.py: the GPU's fp32 -> bf16 rounding
+]
 
 STEPS = 30
 K = 3
