@@ -259,8 +259,8 @@ def bit_identical(a, b):
         if x is None or y is None:
             if not (x is None and y is None):
                 return False
-        elif x.dtype != y.dtype or not torch.equal(x.detach().reshape(-1).view(torch.uint8),
-                                                    y.detach().reshape(-1).view(torch.uint8)):
+        elif x.dtype != y.dtype or not torch.equal(x.detach().contiguous().view(-1).view(torch.uint8),
+                                                    y.detach().contiguous().view(-1).view(torch.uint8)):
             return False
     return True
 

@@ -149,14 +149,23 @@ def test_auto_picks_cpp_on_cpu():
     ],
 )
 def test_bad_arguments_raise_value_error(break_args, message):
+    """A layout the kernels can walk steps as contiguous copies would; any other argument
+    raises ValueError and writes nothing."""
     args = list(op_args())
     args[0], args[1], args[2], args[3] = list(args[0]), list(args[1]), list(args[2]), list(args[3])
     break_args(args)
     if message is None:
+        copies = [[t.clone() for t in ts] for ts in args[:3]] + [list(args[3])] + [a.clone() for a in args[4:8]]
+        copies += [a.clone() if a is not None else None for a in args[8:]]
         torch.ops.alig_fused.alig_step_(*args)
+        torch.ops.alig_fused.alig_step_(*copies)
+        assert bit_identical(args[0] + args[2] + [args[6]], copies[0] + copies[2] + [copies[6]])
+        assert int(args[7]) == 0 and bool((args[6] > 0).all())
     else:
+        before = [t.clone() for t in args[0] + args[2]] + [args[6].clone(), args[7].clone()]
         with pytest.raises(ValueError, match=message):
             torch.ops.alig_fused.alig_step_(*args)
+        assert bit_identical(before, list(args[0] + args[2]) + [args[6], args[7]])
 
 
 def test_non_contiguous_param_through_optimizer_raises():
