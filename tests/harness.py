@@ -46,6 +46,11 @@ CPU_BACKENDS = [name for device, name in INSTANCES if device == "cpu"]
 # ----- the problem -----------------------------------------------------------------------
 
 STEPS = 50
+# Steps of a shared trajectory test on the Triton interpreter: it runs each program in Python
+# (~0.1-0.3 s a launch here), so 50 steps of every shared test cost it ~20 minutes. 12
+# steps walk the same kernel paths (the start, the projection binding, momentum built up);
+# the long-run behaviour of the algorithm is the torch and C++ instances' to check.
+INTERPRETER_STEPS = 12
 # Tolerance. Every run is compared with the float64 reference loop. Rounding the parameters
 # to the storage dtype at each step perturbs the trajectory, and uncapped Polyak steps near
 # the solution amplify such perturbations, so the bound is calibrated on the plain loop
@@ -293,7 +298,8 @@ def instance(device_type: str, variant: str, required=frozenset()):
     device = torch.device(device_type)
     name, _, threads = variant.partition("-")
     require_backend(name, device, required)
-    case = SimpleNamespace(device=device, backend=name, variant=variant)
+    steps = INTERPRETER_STEPS if name == "triton" and device.type == "cpu" else STEPS
+    case = SimpleNamespace(device=device, backend=name, variant=variant, steps=steps)
     if not threads:
         yield case
         return
