@@ -10,7 +10,8 @@ import time
 from types import ModuleType
 from typing import Sequence
 
-from .backends import BACKENDS, BackendUnavailableError
+from . import backends
+from .backends import BackendUnavailableError
 from .demo import DemoConfig
 
 __all__ = ["main", "build_parser", "load_lm_example"]
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
             "repository: examples/lm.py; 'alig-fused demo lm --help' lists its options)."
         ),
     )
-    demo.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+    demo.add_argument("--backend", choices=("auto", *backends.BACKENDS), default="auto",
                       help="FusedALIG backend (default: auto, the fastest that runs on the device)")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     demo.add_argument("--epochs", type=_positive_int, default=defaults.epochs,
@@ -132,7 +133,6 @@ def _run_lm_demo(argv: list[str]) -> int:
 def _run_backends(args: argparse.Namespace) -> int:
     import torch
 
-    from . import backends
 
     device = torch.device(args.device)
     for name, state in backends.available_backends(device).items():

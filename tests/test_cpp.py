@@ -180,9 +180,22 @@ def test_low_precision_matches_reference(config, dtype):
     assert max_error(fused.params, exact.params) <= ATOL[dtype]
 
 
+def test_float64_matches_reference():
+    # float64 storage, math in fp32: fp32's tolerance (measured 6e-8).
+    fused = run(CONFIGS["several_groups"], "cpp", dtype=torch.float64)
+    exact = run(CONFIGS["several_groups"], "reference", dtype=torch.float64)
+    assert fused.opt.last_backend == "cpp" and all(p.dtype == torch.float64 for p in fused.params)
+    assert all(s["momentum_buffer"].dtype == torch.float64 for s in fused.opt.state.values())
+    assert max_error(fused.params, exact.params) <= ATOL[torch.float64]
+
+
+def test_auto_keeps_float64_on_torch():
+    assert backends.pick("auto", CPU, frozenset({torch.float64, torch.float32})) == "torch"
+    assert backends.pick("cpp", CPU, frozenset({torch.float64, torch.float32})) == "cpp"
+
+
 def test_float64_tensors_through_the_function():
-    # FusedALIG sends float64 models to backend="torch"; the op still takes them (storage
-    # float64, math in fp32, as torch_alig does it).
+    # The op on float64 storage agrees with torch_alig (float64 math) to fp32 precision.
     from alig_fused.functional import GroupHParams, torch_alig
 
     outs = {}

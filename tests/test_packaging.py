@@ -6,6 +6,8 @@ local label.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import shutil
 import subprocess
@@ -84,7 +86,8 @@ def test_no_jit_raises_the_reason_without_compiling(monkeypatch, no_prebuilt, fo
 
 def test_auto_falls_back_with_the_reason_and_a_named_backend_raises_it(monkeypatch, capsys, fresh_backends, no_prebuilt, forbid_compile):
     monkeypatch.setenv("ALIG_FUSED_NO_JIT", "1")
-    monkeypatch.setitem(backends._LOADERS, "cpp", lambda: _cpp_loader.load_extension())
+    cpp = dataclasses.replace(backends.REGISTRY["cpp"], load=lambda: _cpp_loader.load_extension())
+    monkeypatch.setitem(backends.REGISTRY, "cpp", cpp)
     assert backends.pick("auto", CPU) == "torch"
     assert no_prebuilt in backends.why_unavailable("cpp")
     assert no_prebuilt in backends.available_backends(CPU)["cpp"]
