@@ -198,3 +198,14 @@ def test_a_build_with_the_extension_carries_the_torch_in_its_version():
     tag = _build_config.torch_tag(torch.__version__, torch.version.cuda)
     assert _setup_version() == f"{alig_fused.__version__}+{tag}"
     assert _setup_version(ALIG_FUSED_NO_EXT="1") == alig_fused.__version__
+
+
+def test_library_imports_no_demo():
+    """``import alig_fused`` and ``alig-fused backends`` load no demo (examples/ loads only for ``demo``)."""
+    code = (
+        "import sys, alig_fused, alig_fused.cli\n"
+        "assert alig_fused.cli.main(['backends']) == 0\n"
+        "demos = [m for m in sys.modules if 'example' in m or 'demo' in m]\n"
+        "assert not demos, demos\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
