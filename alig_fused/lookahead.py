@@ -18,7 +18,6 @@ parameters live on a GPU. Backends of the update (``backend=``):
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any, Callable
 
 import torch
@@ -67,18 +66,14 @@ class Lookahead(Optimizer):
             raise ValueError(f"invalid Lookahead alpha {alpha}: must be in [0, 1]")
         if isinstance(optimizer, Lookahead):
             raise TypeError("Lookahead wraps the inner optimizer, not another Lookahead")
+        # Optimizer.__init__ gives the wrapper what every torch optimizer has (the hook dicts,
+        # ``state``, the profiled and hooked ``step``), whatever the torch version. It runs
+        # before ``self.optimizer`` is set, so the groups it would build go nowhere (the
+        # setter and add_param_group below): the groups are the inner optimizer's.
+        super().__init__(optimizer.param_groups, optimizer.defaults)
         self.optimizer = optimizer
         self.k = k
         self.alpha = float(alpha)
-        # Optimizer.__init__ is not called: groups and defaults are the inner optimizer's.
-        self.defaults = optimizer.defaults
-        self.state: defaultdict = defaultdict(dict)  # slow weights, keyed by parameter
-        self._optimizer_step_pre_hooks = {}
-        self._optimizer_step_post_hooks = {}
-        self._optimizer_state_dict_pre_hooks = {}
-        self._optimizer_state_dict_post_hooks = {}
-        self._optimizer_load_state_dict_pre_hooks = {}
-        self._optimizer_load_state_dict_post_hooks = {}
         self._lookahead_step: Tensor | None = None
         self.backend = backend
         self.last_backend: str | None = None  # the backend of the last update
@@ -94,7 +89,8 @@ class Lookahead(Optimizer):
 
     @param_groups.setter
     def param_groups(self, value: list[dict]) -> None:
-        self.optimizer.param_groups = value
+        if "optimizer" in self.__dict__:  # not during Optimizer.__init__ (see __init__)
+            self.optimizer.param_groups = value
 
     @property
     def _step_supports_amp_scaling(self) -> bool:  # type: ignore[override]
@@ -214,6 +210,8 @@ class Lookahead(Optimizer):
             self.state[p]["slow_param"] = slow.detach().to(device=p.device, dtype=p.dtype).clone()
 
     def add_param_group(self, param_group: dict) -> None:
+        if "optimizer" not in self.__dict__:  # Optimizer.__init__ offering the inner's own groups
+            return
         self.optimizer.add_param_group(param_group)
         for p in self.optimizer.param_groups[-1]["params"]:
             self.state[p]["slow_param"] = p.detach().clone()
