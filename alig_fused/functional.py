@@ -1,6 +1,6 @@
 """The ALI-G step: one math definition, several implementations with one signature.
 
-Every backend performs the plan of DESIGN.md:
+Every backend performs the plan of docs/design.md §3:
 
     pass 1   per-group sums  (||g||^2 always; ||w||^2, ||b||^2, <w,b>, <w,g>, <b,g> for
              groups with a max_norm), gradients unscaled by ``inv_scale``

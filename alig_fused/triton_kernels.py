@@ -15,7 +15,8 @@ Launches (one grid each, however many tensors the model has):
 Table layout (apex's multi-tensor-apply chunk list, in one int64 device tensor ``meta``,
 built on the host and cached while the tensors do not change)::
 
-    meta[0:8]                 header: n_chunks, n_groups, offset of the group rows, CHUNK, 0...
+    meta[0:8]                 header: n_chunks, n_groups, offset of the group rows; words 3-7
+                              are padding, so that every 8-word chunk row is 64-byte aligned
     meta[8 + 8*i : 16 + 8*i]  chunk i: address of its first element in w, in g, in b;
                               element count (<= CHUNK); group; dtype code (0 fp32, 1 bf16,
                               2 fp16); has_buffer; full (count == CHUNK and the three
@@ -768,7 +769,7 @@ def _chunk_table(tensors: list[list[int]], n_groups: int, chunk: int) -> tuple[T
     group_end = torch.cumsum(chunks_per_group, 0)
     group_rows = torch.stack([group_end - chunks_per_group, group_end], dim=1)
     group_offset = _HEADER + _ROW * n_chunks
-    header = torch.tensor([n_chunks, n_groups, group_offset, chunk, 0, 0, 0, 0], dtype=torch.int64)
+    header = torch.tensor([n_chunks, n_groups, group_offset, 0, 0, 0, 0, 0], dtype=torch.int64)
     return torch.cat([header, rows.reshape(-1), group_rows.reshape(-1)]), n_chunks
 
 

@@ -533,7 +533,7 @@ std::vector<double> sum_by_group(const StepArgs& args, const ChunkPlan& plan, co
 }
 
 // How a group's l2-ball projection gets ||w'||:
-// - kFromSums: DESIGN.md's analytic form from the pass-1 Gram sums (pass 1 also reads w
+// - kFromSums: the analytic form of docs/design.md §1, from the pass-1 Gram sums (pass 1 also reads w
 //   and b). alig_sums / alig_update_ use it: the sums are what sharded ranks all-reduce.
 // - kMeasured: pass 2 measures ||w'|| of the values it writes and a third pass scales w,
 //   only for groups the ball binds (as the torch path does). On a CPU reading is what
