@@ -46,6 +46,8 @@ class Backend:
     auto_dtypes: Mapping[str, frozenset] | None = None
     # once loaded: why it cannot run on this device ("" when it can), e.g. no CUDA kernels
     device_problem: Callable[[torch.device], str] = _runs_anywhere
+    # its kernels walk each tensor's memory as one flat array (``layout_problem``)
+    flat_memory: bool = False
 
     def takes(self, device: torch.device) -> frozenset | None:
         """The dtypes it takes on ``device`` (None: any; empty: not this device)."""
@@ -137,6 +139,46 @@ def pick(requested: str, device: torch.device, dtypes: frozenset = frozenset()) 
     raise BackendUnavailableError(f"no registered backend runs on {device.type} with {sorted(map(str, dtypes))}")
 
 
+def layout_problem(name: str, param: torch.Tensor, grad: torch.Tensor, buffer: torch.Tensor | None = None) -> str:
+    """Why backend ``name`` cannot address this parameter's tensors ("" when it can).
+
+    The kernels walk memory as flat arrays: ``triton`` and ``cpp`` take dense tensors, the
+    gradient and momentum buffer in their parameter's layout (all contiguous, or all with
+    the same strides, e.g. channels_last): the backends registered with ``flat_memory``;
+    ``torch`` takes any. The rule is
+    csrc/alig_ops.cpp's ``check_layout`` (and the Triton table builder's), written before
+    any state is created so that a rejected step creates none.
+    """
+    tensors = (("the parameter", param), ("its gradient", grad), ("its momentum buffer", buffer))
+    if REGISTRY[name].flat_memory:
+        if not _dense(param):
+            return (f"the parameter is not dense (strides {param.stride()}); backend {name!r} walks a tensor's memory "
+                    "as one flat array (make it contiguous, or use backend='torch')")
+        fix = (f"backend {name!r} needs a gradient and momentum buffer in their parameter's memory layout "
+               "(make them all contiguous, or use backend='torch')")
+        for what, t in tensors[1:]:
+            if t is None:
+                continue
+            if t.is_contiguous() and not param.is_contiguous():
+                return f"{what} is contiguous (strides {t.stride()}) but the parameter is not (strides {param.stride()}); {fix}"
+            if not t.is_contiguous() and (t.stride() != param.stride() or not _dense(t)):
+                return (f"{what} is not contiguous (strides {t.stride()}) and the parameter has other strides "
+                        f"({param.stride()}); {fix}")
+    return ""
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill one block of memory, in any dimension order."""
+    if t.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def get(name: str) -> Callable:
     fn = load(name)
     if fn is None:
@@ -192,11 +234,11 @@ _KERNEL = frozenset(KERNEL_DTYPES)
 register(Backend("torch", _load_torch, dtypes=None, auto_rank={ANY_DEVICE: 100}))
 # GPU: Triton first, then the CUDA extension. On CPU Triton only runs interpreted (slow, by name).
 register(Backend("triton", _load_triton, dtypes={"cuda": _KERNEL, "cpu": _KERNEL}, auto_rank={"cuda": 0},
-                 device_problem=_triton_device_problem))
+                 device_problem=_triton_device_problem, flat_memory=True))
 # The C++ CPU kernels take float64 storage by name, with their math in fp32: over
 # tests/test_cpp.py's 50-step problems 0.6-2.3e-7 from the float64 reference, where the
 # torch path (float64 math) is 3e-13-2e-8 off; so "auto" keeps float64 models on torch.
 # The CUDA kernel compiles a float64 path that no test has run yet: not offered on CUDA.
 register(Backend("cpp", _load_cpp, dtypes={"cpu": _KERNEL | {torch.float64}, "cuda": _KERNEL},
                  auto_rank={"cuda": 1, "cpu": 0}, auto_dtypes={"cpu": _KERNEL, "cuda": _KERNEL},
-                 device_problem=_cpp_device_problem))
+                 device_problem=_cpp_device_problem, flat_memory=True))

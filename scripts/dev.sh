@@ -27,7 +27,7 @@ setup() {
     log "installing torch, triton and the tools"
     # torch first and pinned, so nothing below pulls a multi-GB CUDA build in its place.
     pip_install "$TORCH_SPEC" "$TRITON_SPEC" numpy setuptools wheel ninja
-    pip_install pytest pytest-benchmark scikit-learn matplotlib tqdm
+    pip_install pytest pytest-benchmark hypothesis scikit-learn matplotlib tqdm
     pip_install --no-deps pytorch_optimizer
     # The frameworks tests/test_integrations.py runs FusedALIG in, at the versions it was tested
     # with (~90 s to install); torch named again so that pip keeps the CPU build.
