@@ -242,13 +242,19 @@ LAYOUTS = {
         "cpp", lambda: (lambda p: (p, torch.randn(4, 3)))(torch.nn.Parameter(torch.randn(4, 6)[:, ::2])),
         r"param group 0, parameter 1 .*: the parameter is not dense \(strides \(6, 2\)\)",
     ),
-    "triton_transposed_param": (
-        "triton", lambda: (lambda p: (p, torch.randn(6, 4).t()))(_transposed(4, 6)),
-        r"param group 0, parameter 1 \(shape \(4, 6\)\): the parameter is not contiguous \(strides \(1, 4\)\)",
+    # triton takes dense tensors in their parameter's layout too (channels_last, transposed):
+    # what it cannot take is a gradient in another layout, or a parameter with gaps.
+    "triton_transposed_param_contiguous_grad": (
+        "triton", lambda: (lambda p: (p, torch.randn(4, 6)))(_transposed(4, 6)),
+        r"param group 0, parameter 1 \(shape \(4, 6\)\): its gradient is contiguous .* the parameter is not",
     ),
     "triton_transposed_grad": (
         "triton", lambda: (torch.nn.Parameter(torch.randn(4, 6)), torch.randn(6, 4).t()),
         r"param group 0, parameter 1 \(shape \(4, 6\)\): its gradient is not contiguous \(strides \(1, 4\)\)",
+    ),
+    "triton_strided_param": (
+        "triton", lambda: (lambda p: (p, torch.randn(4, 3)))(torch.nn.Parameter(torch.randn(4, 6)[:, ::2])),
+        r"param group 0, parameter 1 .*: the parameter is not dense \(strides \(6, 2\)\)",
     ),
 }
 
