@@ -92,3 +92,13 @@ def test_cli_rejects_unknown_backend(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--backend", "cuda-graphs"])
     assert exit_info.value.code == 2
+
+
+def test_cli_demo_outside_a_clone_says_where_the_demo_is(tmp_path, monkeypatch, capsys):
+    import alig_fused.cli as cli
+
+    monkeypatch.setattr(cli, "EXAMPLES_DIR", str(tmp_path))  # an installed package: no examples/ beside it
+    assert main(["demo", "--epochs", "1"]) == 2
+    assert "python -m examples.digits" in capsys.readouterr().err
+    assert main(["demo", "lm"]) == 2
+    assert "python -m examples.lm" in capsys.readouterr().err
