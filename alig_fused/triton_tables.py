@@ -23,7 +23,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["HEADER", "ROW", "DTYPE_CODES", "chunk_table", "check_layout", "is_dense", "to_device", "capturing",
+from .backends import is_dense  # the one density rule (backends.layout_problem's too)
+
+__all__ = ["HEADER", "ROW", "DTYPE_CODES", "chunk_table", "check_layout", "to_device", "capturing",
            "current_stream", "keep_alive"]
 
 HEADER = 8
@@ -70,18 +72,6 @@ def _pin(tables: NamedTuple, cache: dict) -> None:
     pinned = cache.setdefault("captured", [])
     if not any(t is tables for t in pinned):
         pinned.append(tables)
-
-
-def is_dense(t: Tensor) -> bool:
-    """Are ``t``'s elements one gap-free span of memory, from ``data_ptr()`` on? (contiguous,
-    channels_last, any permutation of a contiguous tensor: strides are never negative in
-    torch, so element 0 is the lowest address.)"""
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _strides(t: Tensor) -> tuple:
