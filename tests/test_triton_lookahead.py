@@ -284,7 +284,7 @@ def test_unknown_backend_and_unaddressable_tensors():
     with pytest.raises(ValueError, match="float32, bfloat16 and float16"):
         opt.step()
     opt = Lookahead(Jitter([torch.zeros(4, 12)[:, ::2]]), backend="triton")  # a view with gaps
-    with pytest.raises(ValueError, match=r"is not contiguous \(strides \(12, 2\)\)"):
+    with pytest.raises(ValueError, match="not contiguous nor dense"):
         opt.step()
     fast = torch.zeros(6, 4).t()  # dense, transposed: the slow weight must share its strides
     with pytest.raises(ValueError, match="the slow weight of tensor 0 has strides"):
