@@ -40,6 +40,11 @@ def _alig_update_fake(
     return None
 
 
+@torch.library.register_fake("alig_fused::alig_apply_")
+def _alig_apply_fake(params, grads, momentum_buffers, group_index, coefs, skip, grad_scale) -> None:
+    return None
+
+
 def has_device(device_type: str) -> bool:
     """Whether the compiled extension has kernels for ``device_type`` ("cpu", "cuda")."""
     if device_type == "cpu":
