@@ -202,3 +202,25 @@ def test_bad_input_raises_before_anything_changes():
         opt.step(loss=loss)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert len(opt.state) == 0 and int(opt.momo_state().step) == 0
+
+
+@pytest.mark.parametrize("use_fstar", [False, True])
+def test_against_the_reference_package(backend, use_fstar):
+    """The reference's own Momo (package momo-opt, installed by scripts/dev.sh) as a client."""
+    momo = pytest.importorskip("momo", reason="the reference MoMo (pip install --no-deps momo-opt) is not installed")
+    model = _model()
+    ref_model = copy.deepcopy(model).double()
+    opt = FusedMoMo(model.parameters(), lr=1.0, weight_decay=0.01, beta=0.8, use_fstar=use_fstar, backend=backend)
+    ref = momo.Momo(ref_model.parameters(), lr=1.0, weight_decay=0.01, beta=0.8, use_fstar=use_fstar)
+    torch.manual_seed(2)
+    for _ in range(15):
+        x, y = torch.randn(32, 6), torch.randn(32, 3)
+        for m, o, dtype in ((model, opt, torch.float32), (ref_model, ref, torch.float64)):
+            o.zero_grad()
+            loss = _loss(m, x.to(dtype), y.to(dtype))
+            loss.backward()
+            o.step(loss=loss)
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p.double(), q, rtol=1e-5, atol=1e-6)
+    if use_fstar:
+        assert abs(float(opt.lb) - float(ref.lb)) <= 1e-4 * max(1.0, abs(float(ref.lb)))
