@@ -224,3 +224,52 @@ def test_against_the_reference_package(backend, use_fstar):
             torch.testing.assert_close(p.double(), q, rtol=1e-5, atol=1e-6)
     if use_fstar:
         assert abs(float(opt.lb) - float(ref.lb)) <= 1e-4 * max(1.0, abs(float(ref.lb)))
+
+
+def test_grad_scaler_protocol_and_accumulated_loss(backend):
+    """grad_scale/found_inf (GradScaler's protocol) and accumulate_loss give the plain step."""
+    model_a, model_b = _model(), _model()
+    opt_a = FusedMoMo(model_a.parameters(), lr=1.0, weight_decay=0.01, backend=backend)
+    opt_b = FusedMoMo(model_b.parameters(), lr=1.0, weight_decay=0.01, backend=backend)
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    for _ in range(5):
+        opt_a.zero_grad()
+        loss = _loss(model_a, x, y)
+        loss.backward()
+        opt_a.step(loss=loss)
+        opt_b.zero_grad()
+        for half in (slice(0, 8), slice(8, 16)):  # two micro-batches, each half the loss
+            part = _loss(model_b, x[half], y[half]) / 2
+            (part * 512.0).backward()
+            opt_b.accumulate_loss(part)
+        opt_b.grad_scale, opt_b.found_inf = torch.tensor(512.0), torch.tensor(0.0)
+        opt_b.step()
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    opt_b.zero_grad()
+    _loss(model_b, x, y).backward()
+    before = [p.detach().clone() for p in model_b.parameters()]
+    opt_b.found_inf = torch.tensor(1.0)
+    opt_b.step(loss=1.0)
+    assert all(torch.equal(p, b) for p, b in zip(model_b.parameters(), before))
+    assert int(opt_b.skipped_steps) == 1
+
+
+@pytest.mark.parametrize("n_tensors", [2, 24])
+def test_triton_launches_do_not_grow_with_tensors(n_tensors, monkeypatch):
+    from conftest import require_backend
+
+    require_backend("triton", torch.device("cpu"))
+    from alig_fused import triton_kernels as tk
+
+    launched = []
+    launch = tk._launch
+    monkeypatch.setattr(tk, "_launch", lambda kernel, grid, *a, **m: (launched.append(kernel), launch(kernel, grid, *a, **m)))
+    params = [torch.nn.Parameter(torch.randn(3 + i)) for i in range(n_tensors)]
+    opt = FusedMoMo([{"params": params[::2]}, {"params": params[1::2], "lr": 0.1}], backend="triton")
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        launched.clear()
+        opt.step(loss=1.0)
+        assert launched == [tk._alig_pass1_kernel, tk._alig_finalize_kernel, tk._alig_pass2_kernel]
