@@ -280,9 +280,9 @@ def contenders(cfg: LMConfig, size: Size, device: torch.device) -> list[Contende
         Contender("sgd", "SGD (Nesterov)", "lr", size.sgd_lr, f"momentum=0.9, {warm}", make_sgd),
     ]
     # --- FusedMoMo slot ------------------------------------------------------------------
-    # FusedMoMo (issue 18, MoMo of Schaipp et al., ICML 2024) is not in the package yet. This
-    # path runs once ``alig_fused.FusedMoMo`` exists, with MoMo's own arguments (lr, beta,
-    # lb, weight_decay) and ``step(loss=...)`` as FusedALIG's; check it when it lands.
+    # FusedMoMo (MoMo of Schaipp et al., ICML 2024), with MoMo's own arguments (lr, beta, lb,
+    # weight_decay) and ``step(loss=...)`` as FusedALIG's (the hasattr guard keeps the script
+    # running on an older alig_fused).
     if hasattr(alig_fused, "FusedMoMo"):
         def make_momo(matrices, others, lr, total_steps, matrix_norm):
             opt = alig_fused.FusedMoMo([dict(params=matrices), dict(params=others)], lr=lr, beta=0.9, lb=0.0,
