@@ -356,8 +356,9 @@ class FusedALIG(Optimizer):
             grad_scale, found_inf, cache, reduce_sums,
         )
         grad_sq_norm = _grad_sq_norm(grads, grad_scale)
-        if reduce_sums is not None:
-            grad_sq_norm = reduce_sums(grad_sq_norm.reshape(1, 1).expand(1, 6).contiguous(), loss)[0][0, 0]
+        if reduce_sums is not None:  # sharded: local shards' ||g||^2 and the local loss (a second small all-reduce)
+            grad_sq_norm, loss = reduce_sums(grad_sq_norm.reshape(1), loss)
+            grad_sq_norm = grad_sq_norm.reshape(())
         hparams = hparams_table(group_hparams, loss.device, cache)
         from .functional import HParam
 
