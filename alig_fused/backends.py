@@ -112,6 +112,45 @@ def pick(requested: str, device: torch.device, dtypes: frozenset = frozenset()) 
     return "torch"
 
 
+def layout_problem(name: str, param: torch.Tensor, grad: torch.Tensor, buffer: torch.Tensor | None = None) -> str:
+    """Why backend ``name`` cannot address this parameter's tensors ("" when it can).
+
+    The kernels walk memory as flat arrays: ``triton`` and ``cpp`` take dense tensors, the
+    gradient and momentum buffer in their parameter's layout (all contiguous, or all with
+    the same strides, e.g. channels_last); ``torch`` takes any. The rule is
+    csrc/alig_ops.cpp's ``check_layout`` (and the Triton table builder's), written before
+    any state is created so that a rejected step creates none.
+    """
+    tensors = (("the parameter", param), ("its gradient", grad), ("its momentum buffer", buffer))
+    if name in ("triton", "cpp"):
+        if not _dense(param):
+            return (f"the parameter is not dense (strides {param.stride()}); backend {name!r} walks a tensor's memory "
+                    "as one flat array (make it contiguous, or use backend='torch')")
+        fix = (f"backend {name!r} needs a gradient and momentum buffer in their parameter's memory layout "
+               "(make them all contiguous, or use backend='torch')")
+        for what, t in tensors[1:]:
+            if t is None:
+                continue
+            if t.is_contiguous() and not param.is_contiguous():
+                return f"{what} is contiguous (strides {t.stride()}) but the parameter is not (strides {param.stride()}); {fix}"
+            if not t.is_contiguous() and (t.stride() != param.stride() or not _dense(t)):
+                return (f"{what} is not contiguous (strides {t.stride()}) and the parameter has other strides "
+                        f"({param.stride()}); {fix}")
+    return ""
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill one block of memory, in any dimension order."""
+    if t.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def get(name: str) -> Callable:
     fn = load(name)
     if fn is None:

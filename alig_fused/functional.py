@@ -26,6 +26,7 @@ __all__ = [
     "Sum",
     "Coef",
     "GroupHParams",
+    "MAX_GRAD_SQ_NORM",
     "finalize",
     "torch_alig",
 ]
@@ -67,6 +68,10 @@ class Coef:
     COUNT = 5
 
 
+MAX_GRAD_SQ_NORM = torch.finfo(torch.float32).max
+"""A step whose squared gradient norm G is not below this (float32's max) is skipped."""
+
+
 class GroupHParams(NamedTuple):
     """One group's hyper-parameters as host numbers (the backends branch on them statically).
 
@@ -104,7 +109,11 @@ def finalize(
     f_star, scaling = hparams[:, HParam.F_STAR], hparams[:, HParam.SCALING]
 
     grad_sq_norm = sums[:, Sum.GG].sum()
-    skip = ~(torch.isfinite(loss) & torch.isfinite(grad_sq_norm))
+    # Skip when G is not below float32's max (nan, inf included), not merely when it is not
+    # finite: the kernels add fp32 partial sums, one of which overflows to inf only where G
+    # is at least FLT_MAX anyway (up to its fp32 rounding), while float64 sums of an element
+    # of 1e20 give a finite 1e40. With this bound every backend skips the same steps.
+    skip = ~(torch.isfinite(loss) & (grad_sq_norm < MAX_GRAD_SQ_NORM))
     if found_inf is not None:
         skip = skip | (found_inf.reshape(()) > 0)
 
@@ -195,25 +204,21 @@ def torch_alig(
     # travel in the same single all-reduce as ||g||^2 and the loss (see _dot).
     analytic_projection = reduce_sums is not None
 
-    # Pass 1. Unscaled gradients, math in (at least) fp32.
-    grads32 = _as_float32(grads)
-    if grad_scale is not None:
-        grads32 = torch._foreach_mul(grads32, grad_scale.to(torch.float32).reciprocal())
+    # Pass 1, a cache-sized batch at a time (see _batches: no full-size temporaries).
+    # Unscaled gradients, math in (at least) fp32.
+    inv_scale = None if grad_scale is None else grad_scale.to(torch.float32).reciprocal()
     sums = torch.zeros(n_groups, Sum.COUNT, dtype=torch.float64, device=device)
     for k, idx in enumerate(by_group):
         if not idx:
             continue
-        g = [grads32[i] for i in idx]
-        sums[k, Sum.GG] = _sq_norm(g)
-        if analytic_projection and math.isfinite(group_hparams[k].max_norm):
-            w = _as_float32([params[i] for i in idx])
-            sums[k, Sum.WW] = _sq_norm(w)
-            sums[k, Sum.WG] = _dot(w, g)
-            if group_hparams[k].momentum > 0:
-                b = _as_float32([momentum_buffers[i] for i in idx])
-                sums[k, Sum.BB] = _sq_norm(b)
-                sums[k, Sum.WB] = _dot(w, b)
-                sums[k, Sum.BG] = _dot(b, g)
+        g = [grads[i] for i in idx]
+        if not (analytic_projection and math.isfinite(group_hparams[k].max_norm)):
+            g_norms = [n for (g_part,) in _batches(g) for n in torch._foreach_norm(_unscaled32(g_part, inv_scale))]
+            sums[k, Sum.GG] = _sq_sum(g_norms)
+            continue
+        w = [params[i] for i in idx]
+        b = [momentum_buffers[i] for i in idx] if group_hparams[k].momentum > 0 else None
+        group_sums_into(sums[k], w, g, b, inv_scale)
     if reduce_sums is not None:
         sums, loss = reduce_sums(sums, loss)
 
@@ -221,53 +226,151 @@ def torch_alig(
     step_size_out.copy_(step_size)
     skipped_steps.add_(skip.to(skipped_steps.dtype))
 
-    # Pass 2: w' = (w + a*b - c*g) * scale (with the old buffer), b' = mu*b - d*g.
+    # Pass 2: w' = (w + a*b - c*g) * scale (with the old buffer), b' = mu*b - d*g, one batch
+    # at a time: the batch's fp32 temporaries stay in cache, so the few foreach ops over a
+    # batch cost about one pass over memory.
     # A non-finite gradient must not reach the update even with a coefficient of 0
-    # (0 * inf = nan), and foreach has no select: on a skipped step the products c*g and
-    # d*g are zeroed through an integer view of their bits (the coefficients are then the
-    # identity, so w and b come out bit-identical).
+    # (0 * inf = nan), and foreach has no select: the batch's gradient is first copied with
+    # its bits zeroed on a skipped step (an integer multiply by keep_bits; the coefficients
+    # are then the identity, so w and b come out bit-identical); w - c*g is w + g*(-c).
+    # The coefficients are float32, the kernels' precision, except for float64 tensors,
+    # which step with the float64 ones (float32 coefficients would cost them ~1e-8 relative
+    # per step).
     keep_bits = (~skip).to(torch.int32)
-    coefs32 = coefs.to(torch.float32)
+    coefs_of = {torch.float32: coefs.to(torch.float32), torch.float64: coefs}
     for k, idx in enumerate(by_group):
         if not idx:
             continue
-        a, c, d, mu, scale = coefs32[k].unbind()
-        w = [params[i] for i in idx]
-        w32 = _as_float32(w)
-        g32 = [grads32[i] for i in idx]
-        if group_hparams[k].momentum > 0:
-            b = [momentum_buffers[i] for i in idx]
-            b32 = _as_float32(b)
-            torch._foreach_addcmul_(w32, b32, [a] * len(b32))
-            torch._foreach_sub_(w32, _zero_unless(keep_bits, torch._foreach_mul(g32, c)))
-            torch._foreach_mul_(b32, mu)
-            torch._foreach_sub_(b32, _zero_unless(keep_bits, torch._foreach_mul(g32, d)))
-            _copy_back(b, b32)
+        momentum = group_hparams[k].momentum > 0
+        project = math.isfinite(group_hparams[k].max_norm)
+        measure = project and not analytic_projection
+        w_norms: list[Tensor] = []
+        parts = _split_float64(idx, params)
+        for part in parts:
+            coef_dtype = torch.float64 if params[part[0]].dtype == torch.float64 else torch.float32
+            a, c, d, mu, scale = coefs_of[coef_dtype][k].unbind()
+            neg_c, neg_d = -c, -d
+            w_all = [params[i] for i in part]
+            g = [grads[i] for i in part]
+            lists = (w_all, g, [momentum_buffers[i] for i in part]) if momentum else (w_all, g)
+            for w, g_part, *b_part in _batches(*lists):
+                w32 = _as_float32(w)
+                g32 = _kept_grads32(g_part, inv_scale, keep_bits)
+                if momentum:
+                    b = b_part[0]
+                    b32 = _as_float32(b)
+                    torch._foreach_addcmul_(w32, b32, [a] * len(b32))
+                    torch._foreach_addcmul_(w32, g32, [neg_c] * len(g32))
+                    torch._foreach_mul_(b32, mu)
+                    torch._foreach_addcmul_(b32, g32, [neg_d] * len(g32))
+                    _copy_back(b, b32)
+                else:
+                    torch._foreach_addcmul_(w32, g32, [neg_c] * len(g32))
+                if measure:
+                    w_norms += torch._foreach_norm(w32)  # ||w'|| before rounding to storage
+                elif project:
+                    torch._foreach_mul_(w32, scale)
+                _copy_back(w, w32)
+        if measure:
+            # The projection, measured over the whole group, whatever the dtypes: one more
+            # in-place pass (as the C++ CPU op's pass 3), over the stored w' (rounded once
+            # more for bf16/fp16, as there).
+            measured = torch.where(skip, 1.0, projection_scale(_sq_sum(w_norms), hparams[k, HParam.MAX_NORM]))
+            for part in parts:
+                dtype = torch.float64 if params[part[0]].dtype == torch.float64 else torch.float32
+                torch._foreach_mul_([params[i] for i in part], measured.to(dtype))
+
+
+# Pieces and batches of the torch path (elements). fp32 norms of pieces of 2^17 elements,
+# added in fp64, are within ~1e-6 of the fp64 sum of squares (measured on 8M elements: 3e-7
+# with 2^16, 3e-6 with 2^18; one fp32 norm of all 8M is off by 5e-4, and float64 norms
+# materialise a float64 copy of every tensor). A batch of one such piece (or of several
+# small tensors) keeps its fp32 temporaries (the kept gradient copy, and fp32 copies of
+# bf16/fp16 storage: at most 3 x 512 KiB) in cache and under 3% of a 25M-parameter model;
+# smaller pieces cost more op calls (each a parallel region on CPU: 8 per piece).
+PIECE_ELEMENTS = 1 << 17
+BATCH_ELEMENTS = 1 << 17
+
+
+def _batches(*lists: list[Tensor]):
+    """Yields tuples of lists (one per input list) of matching pieces, at most BATCH_ELEMENTS
+    elements per batch (or one larger non-contiguous tensor): contiguous tensors above
+    PIECE_ELEMENTS are split into flat views."""
+    batch: list[tuple[Tensor, ...]] = []
+    size = 0
+    for row in zip(*lists):
+        n = row[0].numel()
+        if n > PIECE_ELEMENTS and all(t.is_contiguous() for t in row):
+            pieces = zip(*(t.view(-1).split(PIECE_ELEMENTS) for t in row))
         else:
-            torch._foreach_sub_(w32, _zero_unless(keep_bits, torch._foreach_mul(g32, c)))
-        if math.isfinite(group_hparams[k].max_norm):
-            if not analytic_projection:
-                norm_sq = _sq_norm(w32)
-                scale = torch.where(skip, 1.0, projection_scale(norm_sq, hparams[k, HParam.MAX_NORM])).to(torch.float32)
-            torch._foreach_mul_(w32, scale)
-        _copy_back(w, w32)
+            pieces = (row,)
+        for piece in pieces:
+            if batch and size + piece[0].numel() > BATCH_ELEMENTS:
+                yield tuple(list(col) for col in zip(*batch))
+                batch, size = [], 0
+            batch.append(piece)
+            size += piece[0].numel()
+    if batch:
+        yield tuple(list(col) for col in zip(*batch))
+
+
+def group_sums_into(row: Tensor, w: list[Tensor], g: list[Tensor], b: list[Tensor] | None, inv_scale: Tensor | None) -> None:
+    """All six pass-1 sums of one group into ``row`` ([Sum.COUNT] float64), a batch at a time
+    (b None: no buffer, BB = WB = BG = 0). Also FusedMoMo's torch pass 1 (momo.py)."""
+    norms: dict[int, list[Tensor]] = {col: [] for col in range(Sum.COUNT)}
+    for w_part, g_part, *b_part in _batches(w, g, *([b] if b is not None else [])):
+        g32, w32 = _unscaled32(g_part, inv_scale), _as_float32(w_part)
+        norms[Sum.GG] += torch._foreach_norm(g32)
+        norms[Sum.WW] += torch._foreach_norm(w32)
+        _add_dot_norms(norms, Sum.WG, w32, g32)
+        if b is not None:
+            b32 = _as_float32(b_part[0])
+            norms[Sum.BB] += torch._foreach_norm(b32)
+            _add_dot_norms(norms, Sum.WB, w32, b32)
+            _add_dot_norms(norms, Sum.BG, b32, g32)
+    for col in (Sum.GG, Sum.WW, Sum.BB):
+        if norms[col]:
+            row[col] = _sq_sum(norms[col])
+    for col in (Sum.WG, Sum.WB, Sum.BG):
+        if norms[col]:
+            plus, minus = norms[col][0::2], norms[col][1::2]
+            row[col] = (_sq_sum(plus) - _sq_sum(minus)) / 4
+
+
+def _unscaled32(grads: list[Tensor], inv_scale: Tensor | None) -> list[Tensor]:
+    """The gradients in (at least) fp32, times inv_scale when given (new tensors then)."""
+    g32 = _as_float32(grads)
+    if inv_scale is None:
+        return g32
+    if any(x is y for x, y in zip(g32, grads)):
+        return torch._foreach_mul(g32, inv_scale)
+    torch._foreach_mul_(g32, inv_scale)
+    return g32
+
+
+def _kept_grads32(grads: list[Tensor], inv_scale: Tensor | None, keep_bits: Tensor) -> list[Tensor]:
+    """New fp32 (or fp64) tensors: the unscaled gradients, all-zero bits when keep_bits == 0."""
+    g32 = _unscaled32(grads, inv_scale)
+    if any(x is y for x, y in zip(g32, grads)):  # fp32/fp64 storage, no grad_scale: one op makes the copy
+        kept = torch._foreach_mul([x.view(_SAME_SIZE_INT[x.dtype]) for x in g32], keep_bits)
+        return [x.view(y.dtype) for x, y in zip(kept, g32)]
+    return _zero_unless(keep_bits, g32)
+
+
+def _sq_sum(norms: list[Tensor]) -> Tensor:
+    """sum of the squared norms, in float64 (each norm is of one piece, in fp32 or fp64)."""
+    return torch.stack(norms).to(torch.float64).square().sum()
+
+
+def _add_dot_norms(norms: dict, col: int, xs: list[Tensor], ys: list[Tensor]) -> None:
+    """<x, y> by polarization, (||x + y||^2 - ||x - y||^2) / 4: appends the two norms of each
+    piece (foreach has no dot product; the rounding error is ~1e-7 (||x||^2 + ||y||^2), which
+    the projection's norm, a sum of such terms with ||w||^2, absorbs)."""
+    for plus, minus in zip(torch._foreach_norm(torch._foreach_add(xs, ys)), torch._foreach_norm(torch._foreach_sub(xs, ys))):
+        norms[col] += [plus, minus]
 
 
 ReduceSums = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor]"]
-
-
-def _sq_norm(tensors: list[Tensor]) -> Tensor:
-    """sum of ||t||^2 over the list, accumulated in float64 (fp32 drifts ~1e-5 on 1M elements)."""
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square().sum()
-
-
-def _dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
-    """sum of <x, y> over the lists, by polarization: (||x + y||^2 - ||x - y||^2) / 4.
-
-    foreach has no dot product; the rounding error is ~1e-7 (||x||^2 + ||y||^2), which the
-    projection's norm (a sum of such terms with ||w||^2) absorbs.
-    """
-    return (_sq_norm(torch._foreach_add(xs, ys)) - _sq_norm(torch._foreach_sub(xs, ys))) / 4
 
 
 def hparams_table(group_hparams: list[GroupHParams], device: torch.device, cache: dict | None) -> Tensor:
@@ -330,6 +433,13 @@ def hparams_table(group_hparams: list[GroupHParams], device: torch.device, cache
 
 def _rows(values: tuple) -> list[list[float]]:
     return [[math.nan if v is None else float(v) for v in h] for h in values]
+
+
+def _split_float64(idx: list[int], params: list[Tensor]) -> list[list[int]]:
+    """``idx`` as [float64 tensors, the others], without the empty part."""
+    float64 = [i for i in idx if params[i].dtype == torch.float64]
+    others = [i for i in idx if params[i].dtype != torch.float64]
+    return [part for part in (float64, others) if part]
 
 
 def _split_by_group(group_index: list[int], n_groups: int) -> list[list[int]]:

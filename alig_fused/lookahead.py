@@ -18,6 +18,7 @@ parameters live on a GPU. Backends of the update (``backend=``):
 
 from __future__ import annotations
 
+import numbers
 from collections import defaultdict
 from typing import Any, Callable
 
@@ -27,6 +28,7 @@ from torch.optim import Optimizer
 
 from . import backends
 from .backends import BackendUnavailableError
+from .optim import _checked_count
 
 __all__ = ["Lookahead"]
 
@@ -48,6 +50,13 @@ def _load_triton() -> Callable | None:
     return _triton_update
 
 
+def _check_k_alpha(k: Any, alpha: Any) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"invalid Lookahead k {k!r}: must be an int >= 1")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"invalid Lookahead alpha {alpha!r}: must be a number in [0, 1]")
+
+
 class Lookahead(Optimizer):
     """Wrap ``optimizer``: ``Lookahead(FusedALIG(model.parameters(), ...), k=5, alpha=0.5)``.
 
@@ -61,10 +70,7 @@ class Lookahead(Optimizer):
     def __init__(self, optimizer: Optimizer, k: int = 5, alpha: float = 0.5, backend: str = "auto"):
         if backend not in BACKENDS:
             raise ValueError(f"unknown Lookahead backend {backend!r}; choose from {', '.join(map(repr, BACKENDS))}")
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"invalid Lookahead k {k!r}: must be an int >= 1")
-        if not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"invalid Lookahead alpha {alpha}: must be in [0, 1]")
+        _check_k_alpha(k, alpha)
         if isinstance(optimizer, Lookahead):
             raise TypeError("Lookahead wraps the inner optimizer, not another Lookahead")
         self.optimizer = optimizer
@@ -117,6 +123,9 @@ class Lookahead(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+        # The update's backend is resolved (and a named one's tensors checked) before the
+        # inner step: one that cannot run raises with nothing stepped.
+        backend = self._pick_backend(self._params(), check_tensors=True)
         for attr in ("grad_scale", "found_inf"):  # set by GradScaler on this wrapper
             if hasattr(self, attr):
                 setattr(self.optimizer, attr, getattr(self, attr))
@@ -126,14 +135,20 @@ class Lookahead(Optimizer):
             for attr in ("grad_scale", "found_inf"):
                 if hasattr(self, attr) and hasattr(self.optimizer, attr):
                     delattr(self.optimizer, attr)
-        self._sync_slow_weights()
+        self._sync_slow_weights(backend)
         return loss
 
-    def _pick_backend(self, fast: list[Tensor]) -> str:
-        """``self.backend`` resolved for these parameters (raises for a named one that cannot run)."""
+    def _pick_backend(self, fast: list[Tensor], check_tensors: bool = False) -> str:
+        """``self.backend`` resolved for these parameters (raises for a named one that cannot
+        run; with ``check_tensors``, a ValueError for a tensor it cannot address)."""
         if self.backend == "torch":
             return "torch"
         reason = self._triton_unavailable(fast)
+        if not reason and (self.backend == "auto" or check_tensors):
+            problem = self._unaddressable(fast)
+            if problem and self.backend == "triton":
+                raise ValueError(f"Lookahead backend 'triton': {problem} (use backend='torch' for these)")
+            reason = problem
         if not reason:
             return "triton"
         if self.backend == "triton":
@@ -153,20 +168,28 @@ class Lookahead(Optimizer):
                     f"not on {device.type}")
         if _load_triton() is None:
             return f"triton failed to load: {_triton_error}"
-        if self.backend == "auto":  # a named backend lets the launcher say what it cannot address
-            if any(p.dtype not in backends.KERNEL_DTYPES for p in fast):
-                return "a parameter is not float32, bfloat16 or float16"
-            if any(not p.is_contiguous() or not self.state[p]["slow_param"].is_contiguous() for p in fast):
-                return "a parameter is not contiguous"
         return ""
 
-    def _sync_slow_weights(self) -> None:
+    def _unaddressable(self, fast: list[Tensor]) -> str:
+        """What the triton update cannot address in these tensors ("" when nothing)."""
+        for i, p in enumerate(fast):
+            slow = self.state.get(p, {}).get("slow_param", p)  # a missing one is made as a clone of p
+            if p.dtype not in backends.KERNEL_DTYPES:
+                return f"parameter {i} is {p.dtype}; the Triton kernel takes float32, bfloat16 and float16 parameters"
+            for what, t in (("parameter", p), ("slow weight", slow)):
+                if not t.is_contiguous():
+                    return (f"the {what} of parameter {i} (shape {tuple(p.shape)}) is not contiguous (strides "
+                            f"{t.stride()}); the Triton kernel addresses tensors as flat arrays")
+        return ""
+
+    def _sync_slow_weights(self, backend: str | None = None) -> None:
         counter = self.lookahead_step
         params = self._params()
+        if backend is None:
+            backend = self._pick_backend(params, check_tensors=True)
         for p in params:
             if "slow_param" not in self.state[p]:
                 self.state[p]["slow_param"] = p.detach().clone()
-        backend = self._pick_backend(params)
         self.last_backend = backend
         if backend == "triton":  # one launch: the counter's increment included
             slow = [self.state[p]["slow_param"] for p in params]
@@ -202,15 +225,34 @@ class Lookahead(Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "inner" not in state_dict or "lookahead" not in state_dict:
+        # Lookahead's part is checked first, then the inner optimizer loads (checking its own
+        # part before it changes anything), then Lookahead's part is applied: a bad
+        # state_dict leaves both as they were.
+        if not isinstance(state_dict, dict) or "inner" not in state_dict or "lookahead" not in state_dict:
             raise ValueError("not a Lookahead state_dict (expected keys 'inner' and 'lookahead')")
-        self.optimizer.load_state_dict(state_dict["inner"])
         saved = state_dict["lookahead"]
-        self.k, self.alpha = int(saved["k"]), float(saved["alpha"])
-        self.lookahead_step.copy_(saved["step"])
+        if not isinstance(saved, dict) or not {"k", "alpha", "step", "slow_params"} <= saved.keys():
+            raise ValueError("not a Lookahead state_dict: 'lookahead' needs 'k', 'alpha', 'step' and 'slow_params'")
+        k, alpha = saved["k"], saved["alpha"]
+        _check_k_alpha(k, alpha)
+        step = _checked_count(saved["step"], "state_dict['lookahead']['step']")
         params = self._params()
-        for i, slow in saved["slow_params"].items():
-            p = params[int(i)]
+        slow_params = saved["slow_params"]
+        if not isinstance(slow_params, dict):
+            raise TypeError(f"state_dict['lookahead']['slow_params'] must be a dict, got {type(slow_params).__name__}")
+        for i, slow in slow_params.items():
+            where = f"state_dict['lookahead']['slow_params'][{i!r}]"
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params):
+                raise ValueError(f"{where}: not the index of one of the {len(params)} parameters")
+            if not isinstance(slow, Tensor) or slow.is_complex() or not slow.is_floating_point():
+                raise ValueError(f"{where} must be a real floating-point tensor")
+            if slow.shape != params[i].shape:
+                raise ValueError(f"{where} has shape {tuple(slow.shape)}, its parameter {tuple(params[i].shape)}")
+        self.optimizer.load_state_dict(state_dict["inner"])
+        self.k, self.alpha = k, float(alpha)
+        self.lookahead_step.copy_(step)
+        for i, slow in slow_params.items():
+            p = params[i]
             self.state[p]["slow_param"] = slow.detach().to(device=p.device, dtype=p.dtype).clone()
 
     def add_param_group(self, param_group: dict) -> None:

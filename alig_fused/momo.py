@@ -27,7 +27,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from .functional import Coef, GroupHParams, ReduceSums, Sum, hparams_table
+from .functional import MAX_GRAD_SQ_NORM, Coef, GroupHParams, ReduceSums, Sum, hparams_table
 
 __all__ = ["MomoState", "MomoResult", "momo_finalize", "momo_step", "momo_group_hparams"]
 
@@ -79,8 +79,9 @@ def momo_finalize(
     Groups run in order, as in the reference: with use_fstar, group k's lb update is what
     group k+1 starts from.
 
-    Guards: a step is skipped (identity coefficients, state unchanged) when the loss, ||g||^2,
-    <w,d'>, ||d'||^2 or gamma_bar is not finite, or found_inf is set. ||d'||^2 = 0 (MoMo
+    Guards: a step is skipped (identity coefficients, state unchanged) when the loss, <w,d'>,
+    ||d'||^2 or gamma_bar is not finite, ||g||^2 is not below float32's max (as ALI-G's
+    finalize), or found_inf is set. ||d'||^2 = 0 (MoMo
     divides by it) means d' = 0: there is no direction and the update ``w - tau*d'`` does
     not depend on tau, so tau is set to 0 (the reference would give nan or lr).
     """
@@ -95,7 +96,8 @@ def momo_finalize(
     f_bar = torch.where(first, loss, beta * state.f_bar + keep * loss)
     gamma_bar = torch.where(first, wg, beta * state.gamma_bar + keep * wg)
 
-    skip = ~(torch.isfinite(loss) & torch.isfinite(gg) & torch.isfinite(norm) & torch.isfinite(dot) & torch.isfinite(gamma_bar))
+    # ||g||^2 as functional.finalize tests it (an fp32-overflowing G skips: the kernels' fp32 math)
+    skip = ~(torch.isfinite(loss) & (gg < MAX_GRAD_SQ_NORM) & torch.isfinite(norm) & torch.isfinite(dot) & torch.isfinite(gamma_bar))
     if found_inf is not None:
         skip = skip | (found_inf.reshape(()) > 0)
 
@@ -157,58 +159,52 @@ class Halves(NamedTuple):
 
 
 def _torch_sums(params, grads, buffers, group_index, hparams, group_hparams, grad_scale, cache):
-    from .functional import _as_float32, _dot, _split_by_group, _sq_norm
+    from .functional import _split_by_group, group_sums_into
 
     n_groups = len(group_hparams)
-    grads32 = _as_float32(grads)
-    if grad_scale is not None:
-        grads32 = torch._foreach_mul(grads32, grad_scale.to(torch.float32).reciprocal())
-    rows = []
-    zero = torch.zeros((), dtype=torch.float64, device=hparams.device)
+    inv_scale = None if grad_scale is None else grad_scale.to(torch.float32).reciprocal()
+    sums = torch.zeros(n_groups, Sum.COUNT, dtype=torch.float64, device=hparams.device)
     for k, idx in enumerate(_split_by_group(group_index, n_groups)):
-        if not idx:
-            rows.append(torch.zeros(Sum.COUNT, dtype=torch.float64, device=hparams.device))
-            continue
-        g = [grads32[i] for i in idx]
-        w = _as_float32([params[i] for i in idx])
-        gg, ww, wg = _sq_norm(g), _sq_norm(w), _dot(w, g)
-        bb = wb = bg = zero
-        if group_hparams[k].momentum > 0:
-            b = _as_float32([buffers[i] for i in idx])
-            bb, wb, bg = _sq_norm(b), _dot(w, b), _dot(b, g)
-        rows.append(torch.stack([gg, ww, bb, wb, wg, bg]))
-    assert (Sum.GG, Sum.WW, Sum.BB, Sum.WB, Sum.WG, Sum.BG) == (0, 1, 2, 3, 4, 5)
-    return torch.stack(rows)
+        if idx:
+            b = [buffers[i] for i in idx] if group_hparams[k].momentum > 0 else None
+            group_sums_into(sums[k], [params[i] for i in idx], [grads[i] for i in idx], b, inv_scale)
+    return sums
 
 
 def _torch_apply(params, grads, buffers, group_index, group_hparams, coefs, skip, grad_scale, cache):
-    """Pass 2 with foreach ops, as functional.torch_alig's (same order of operations)."""
-    from .functional import _as_float32, _copy_back, _split_by_group, _zero_unless
+    """Pass 2 with foreach ops, as functional.torch_alig's (same batches, same order of operations)."""
+    from .functional import _as_float32, _batches, _copy_back, _kept_grads32, _split_by_group
 
-    grads32 = _as_float32(grads)
-    if grad_scale is not None:
-        grads32 = torch._foreach_mul(grads32, grad_scale.to(torch.float32).reciprocal())
+    inv_scale = None if grad_scale is None else grad_scale.to(torch.float32).reciprocal()
     keep_bits = (~skip).to(torch.int32)
-    coefs32 = coefs.to(torch.float32)
+    coefs_of = {torch.float32: coefs.to(torch.float32), torch.float64: coefs.to(torch.float64)}
     for k, idx in enumerate(_split_by_group(group_index, len(group_hparams))):
         if not idx:
             continue
-        a, c, d, mu, scale = coefs32[k].unbind()
-        w = [params[i] for i in idx]
-        w32 = _as_float32(w)
-        g32 = [grads32[i] for i in idx]
-        if group_hparams[k].momentum > 0:
-            b = [buffers[i] for i in idx]
-            b32 = _as_float32(b)
-            torch._foreach_sub_(w32, _zero_unless(keep_bits, torch._foreach_mul(g32, c)))
-            torch._foreach_addcmul_(w32, b32, [a] * len(b32))
-            torch._foreach_mul_(b32, mu)
-            torch._foreach_sub_(b32, _zero_unless(keep_bits, torch._foreach_mul(g32, d)))
-            _copy_back(b, b32)
-        else:
-            torch._foreach_sub_(w32, _zero_unless(keep_bits, torch._foreach_mul(g32, c)))
-        torch._foreach_mul_(w32, scale)
-        _copy_back(w, w32)
+        momentum = group_hparams[k].momentum > 0
+        for dtype in (torch.float64, None):  # float64 tensors step with float64 coefficients
+            part = [i for i in idx if (params[i].dtype == torch.float64) == (dtype is not None)]
+            if not part:
+                continue
+            a, c, d, mu, scale = coefs_of[dtype or torch.float32][k].unbind()
+            neg_c, neg_d = -c, -d
+            w_all, g = [params[i] for i in part], [grads[i] for i in part]
+            lists = (w_all, g, [buffers[i] for i in part]) if momentum else (w_all, g)
+            for w, g_part, *b_part in _batches(*lists):
+                w32 = _as_float32(w)
+                g32 = _kept_grads32(g_part, inv_scale, keep_bits)
+                if momentum:
+                    b = b_part[0]
+                    b32 = _as_float32(b)
+                    torch._foreach_addcmul_(w32, b32, [a] * len(b32))
+                    torch._foreach_addcmul_(w32, g32, [neg_c] * len(g32))
+                    torch._foreach_mul_(b32, mu)
+                    torch._foreach_addcmul_(b32, g32, [neg_d] * len(g32))
+                    _copy_back(b, b32)
+                else:
+                    torch._foreach_addcmul_(w32, g32, [neg_c] * len(g32))
+                torch._foreach_mul_(w32, scale)
+                _copy_back(w, w32)
 
 
 def _cpp_sums(params, grads, buffers, group_index, hparams, group_hparams, grad_scale, cache):

@@ -7,6 +7,7 @@ import math
 import operator
 import sys
 import warnings
+from collections.abc import Hashable, Mapping
 from typing import Any, Callable, Iterable
 
 import torch
@@ -124,12 +125,7 @@ class FusedALIG(Optimizer):
         self.projection_fn = projection_fn
         self.process_group = process_group
         self.average_loss = bool(average_loss)
-        Optimizer.__init__(self, params, defaults)
-
-        device = _common_device(p for g in self.param_groups for p in g["params"])  # mixed: an error now
-        if backend != "auto" and device is not None:
-            dtypes = frozenset(p.dtype for g in self.param_groups for p in g["params"])
-            backends.pick(backend, device, dtypes=dtypes)  # a named backend that cannot run fails now
+        super().__init__(params, defaults)  # add_param_group checks each group's parameters
         self._cache: dict = {}
         self._plan: _StepPlan | None = None
         self._step_sizes: Tensor | None = None
@@ -177,16 +173,35 @@ class FusedALIG(Optimizer):
     # -- groups and state --------------------------------------------------------------
 
     def add_param_group(self, param_group: dict) -> None:
+        # Every check runs before Optimizer.add_param_group appends the group, so a rejected
+        # group leaves param_groups, the state and the step plan as they were.
+        if isinstance(param_group, dict) and "params" in param_group:  # else: Optimizer's error
+            params = param_group["params"]
+            if not isinstance(params, (Tensor, set)):  # a set: Optimizer's error
+                params = param_group["params"] = list(params)  # a generator can be read once
+            where = f"param group {len(self.param_groups)}"
+            self._check_new_params([params] if isinstance(params, Tensor) else params, where)
+            self._check_group({**self.defaults, **param_group}, where=where, read_device_lr=True)
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        for p in group["params"]:
-            if torch.is_complex(p):
-                raise TypeError("FusedALIG does not support complex parameters (view them as real with torch.view_as_real)")
-            if not p.is_floating_point():
-                raise TypeError(f"FusedALIG needs floating-point parameters, got {p.dtype}")
-        self._check_group(group, where=f"param group {len(self.param_groups) - 1}", read_device_lr=True)
-        group.setdefault("step_size", None)
+        self.param_groups[-1].setdefault("step_size", None)
         self._plan = None
+
+    def _check_new_params(self, params: list, where: str) -> None:
+        """The dtype and device of a new group's parameters (a named backend must take them)."""
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]  # (name, tensor) pairs
+        tensors = [p for p in tensors if isinstance(p, Tensor)]  # anything else: Optimizer's TypeError
+        for p in tensors:
+            if torch.is_complex(p):
+                raise TypeError(
+                    f"{where}: FusedALIG does not support complex parameters (view them as real with torch.view_as_real)"
+                )
+            if not p.is_floating_point():
+                raise TypeError(f"{where}: FusedALIG needs floating-point parameters, got {p.dtype}")
+        # The groups already added share one device: one of their parameters stands for all.
+        known = next((p for g in self.param_groups for p in g["params"]), None)
+        device = _common_device(([known] if known is not None else []) + tensors)
+        if self.backend != "auto" and tensors:
+            backends.pick(self.backend, device, dtypes=frozenset(p.dtype for p in tensors))  # fails now if it cannot run
 
     @property
     def skipped_steps(self) -> Tensor:
@@ -201,25 +216,72 @@ class FusedALIG(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Checked whole before Optimizer.load_state_dict replaces anything: a bad state_dict
+        # leaves the optimizer as it was.
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         state_dict = dict(state_dict)
         skipped = state_dict.pop("skipped_steps", None)
-        groups = []
-        for group in state_dict["param_groups"]:
-            group = dict(group)
-            if "lr" not in group and "max_lr" in group:  # a state_dict of the reference AliG
-                group["lr"] = group.pop("max_lr")
-            groups.append(group)
-        state_dict["param_groups"] = groups
+        state_dict["param_groups"] = self._checked_groups(state_dict)
+        self._check_loaded_state(state_dict)
+        if skipped is not None:
+            skipped = _checked_count(skipped, "state_dict['skipped_steps']")
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-            self._check_group(group, where="loaded param group", read_device_lr=True)
         self._step_sizes = None
         self._plan = None  # new state tensors
         if skipped is not None:
             self._skipped_steps = None
             self.skipped_steps.copy_(skipped)
+
+    def _checked_groups(self, state_dict: dict[str, Any]) -> list[dict]:
+        """The saved groups, checked against this optimizer's, ``max_lr`` read as ``lr``."""
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"not an optimizer state_dict: it has no {key!r} entry")
+        saved_groups = state_dict["param_groups"]
+        if not isinstance(saved_groups, (list, tuple)) or not all(
+            isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple)) for g in saved_groups
+        ):
+            raise TypeError("state_dict['param_groups'] must be a list of dicts, each with a 'params' list")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has a different number of parameter groups ({len(saved_groups)}) "
+                f"than the optimizer ({len(self.param_groups)})"
+            )
+        groups = []
+        for k, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"loaded param group {k} has {len(saved['params'])} parameters, the optimizer's "
+                    f"{len(group['params'])}"
+                )
+            saved = dict(saved)
+            if "lr" not in saved and "max_lr" in saved:  # a state_dict of the reference AliG
+                saved["lr"] = saved.pop("max_lr")
+            self._check_group({**self.defaults, **saved}, where=f"loaded param group {k}", read_device_lr=True)
+            groups.append(saved)
+        return groups
+
+    def _check_loaded_state(self, state_dict: dict[str, Any]) -> None:
+        """Each saved momentum buffer is a real floating-point tensor of its parameter's shape."""
+        state = state_dict["state"]
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state_dict['state'] must be a dict, got {type(state).__name__}")
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            for key, p in zip(saved["params"], group["params"]):
+                entry = state.get(key) if isinstance(key, Hashable) else None
+                buffer = entry.get(self._buffer_key) if isinstance(entry, Mapping) else None
+                if buffer is None:  # none saved (the step creates it), as torch's SGD saves it
+                    continue
+                where = f"state_dict: the {self._buffer_key} of parameter {key!r}"
+                if not isinstance(buffer, Tensor) or buffer.is_complex() or not buffer.is_floating_point():
+                    kind = buffer.dtype if isinstance(buffer, Tensor) else type(buffer).__name__
+                    raise TypeError(f"{where} must be a real floating-point tensor, got {kind}")
+                if buffer.shape != p.shape:
+                    raise ValueError(f"{where} has shape {tuple(buffer.shape)}, its parameter {tuple(p.shape)}")
 
     # -- the step ----------------------------------------------------------------------
 
@@ -462,12 +524,12 @@ class FusedALIG(Optimizer):
 
     def _make_plan(self, group_hparams: list[GroupHParams]) -> _StepPlan | None:
         """Collect and check every parameter with a gradient; None when there is none."""
-        params, buffers, group_index, without_grad = [], [], [], []
+        params, buffers, group_index, without_grad, positions = [], [], [], [], []
         devices, dtypes, missing_buffers = set(), set(), []
         state = self.state
         for k, group in enumerate(self.param_groups):
             has_momentum = group_hparams[k].momentum > 0
-            for p in group["params"]:
+            for j, p in enumerate(group["params"]):
                 grad = p.grad
                 if grad is None:
                     without_grad.append(p)
@@ -475,6 +537,7 @@ class FusedALIG(Optimizer):
                 if grad.is_sparse:
                     raise RuntimeError("FusedALIG does not support sparse gradients")
                 params.append(p)
+                positions.append((k, j))
                 group_index.append(k)
                 devices.add(p.device)  # autograd keeps each grad on its parameter's device
                 dtypes.add(p.dtype)
@@ -492,6 +555,14 @@ class FusedALIG(Optimizer):
         (device,) = devices
         sharded = distributed.is_sharded(params)
         backend = backends.pick(self.backend, device, dtypes=frozenset(dtypes))
+        # Layouts too are checked here, before the step creates any state: the backend's own
+        # check would come after the missing buffers were made. Those are made with their
+        # parameter's layout (zeros_like keeps the strides of a dense tensor).
+        if backend != "torch":  # the torch path takes any layout
+            for p, buffer, (k, j) in zip(params, buffers, positions):
+                problem = backends.layout_problem(backend, p, p.grad, buffer if buffer is not None and buffer.numel() else None)
+                if problem:
+                    raise ValueError(f"param group {k}, parameter {j} (shape {tuple(p.shape)}): {problem}")
         return _StepPlan(params, without_grad, buffers, group_index, missing_buffers, device, backend, sharded)
 
     # -- helpers -----------------------------------------------------------------------
@@ -661,6 +732,19 @@ def _check_lr_devices(group_hparams: list[GroupHParams], device: torch.device) -
         lr = hparams.lr
         if isinstance(lr, Tensor) and lr.device != device and lr.device.type != "cpu":
             raise RuntimeError(f"param group {k}: the tensor lr is on {lr.device}, the parameters on {device}: put it on either {device} or the CPU")
+
+
+def _checked_count(value: Any, where: str) -> Tensor:
+    """A saved counter (a one-element integer tensor, or an int) as a 0-dim tensor, checked."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{where} must be one count, got shape {tuple(value.shape)}")
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{where} must be an integer count, got {value.dtype}")
+        return value.detach().reshape(())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where} must be an integer count, got {type(value).__name__}")
+    return torch.tensor(value, dtype=torch.int64)
 
 
 def _common_device(tensors: Iterable[Tensor]) -> torch.device | None:

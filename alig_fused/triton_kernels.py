@@ -315,10 +315,10 @@ def _alig_finalize_kernel(meta_ptr, partial_ptr, group_sums_ptr, hparams_ptr, lo
         # From here on functional.finalize, line by line, in fp64.
         loss = tl.load(loss_ptr).to(tl.float64)
         grad_sq_norm = tl.sum(grad_sq_acc, axis=0)
-        # skip = !isfinite(loss) || !isfinite(G) || found_inf > 0, through integers (see the
-        # note above); |x| < inf is false for inf and for nan.
+        # skip = !isfinite(loss) || !(G < FLT_MAX) || found_inf > 0, through integers (see the
+        # note above); |x| < inf is false for inf and for nan. FLT_MAX: functional.finalize.
         loss_ok = tl.where(tl.abs(loss) < float("inf"), 1, 0)
-        grad_ok = tl.where(tl.abs(grad_sq_norm) < float("inf"), 1, 0)
+        grad_ok = tl.where(grad_sq_norm < 3.4028234663852886e38, 1, 0)
         no_inf = tl.where(tl.load(found_inf_ptr) > 0, 0, 1)
         skip = loss_ok * grad_ok * no_inf == 0  # the skip condition
         tl.store(skip_ptr, skip.to(tl.int32))

@@ -34,6 +34,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--budget-s", type=float, default=None, help="wall-clock seconds spread over the cases (CPU 420, CUDA 300)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument(
+        "--cache",
+        choices=core.CACHE_MODES,
+        default=None,
+        help="cold (CPU default): restore changed grads and evict the caches before every timed step; warm (GPU default)",
+    )
+    ap.add_argument(
         "--timing",
         choices=("auto", "pytest", "builtin"),
         default="auto",
@@ -72,6 +78,7 @@ def run_pytest(args: argparse.Namespace, device: torch.device, out: Path, sets: 
         pytest_args.append("--bench-quick")
     if args.budget_s is not None:
         pytest_args.append(f"--bench-budget-s={args.budget_s}")
+    pytest_args.append(f"--bench-cache={args.cache or core.default_cache_mode(device)}")
     rc = int(pytest.main(pytest_args))
     records = json.loads(record_path.read_text())["records"] if record_path.exists() else []
     record_path.unlink(missing_ok=True)
@@ -114,12 +121,18 @@ def main(argv: list[str] | None = None) -> int:
         timing = f"built-in loop{why}"
         print(f"python -m bench: {len(cases)} cases, {timing}")
         total = args.budget_s if args.budget_s is not None else core.default_budget_s(device, args.quick)
-        records = core.run_cases_builtin(cases, device, core.Budget(total, len(cases), args.quick, device.type))
+        records = core.run_cases_builtin(cases, device, core.Budget(total, len(cases), args.quick, device.type), cache=args.cache)
         rc = 0
     timing += "; time.perf_counter" + (" after torch.cuda.synchronize" if device.type == "cuda" else "")
+    cache = args.cache or core.default_cache_mode(device)
+    if cache == "cold":
+        evict_mib = core.CacheEvictor.bytes_for(device) / 2**20
+        timing += f"; cold cache: changed grads restored and a {evict_mib:.0f} MiB buffer rewritten before every timed step"
+    else:
+        timing += "; warm cache: steps back to back"
     timing += f"; gc off; run took {time.perf_counter() - started:.0f} s"
 
-    data = {"environment": env, "command": "python -m bench " + " ".join(argv), "timing": timing, "records": records}
+    data = {"environment": env, "command": "python -m bench " + " ".join(argv), "timing": timing, "cache": cache, "records": records}
     report.derive(records)
     pngs, note = report.plots(data, out)
     data["plots"] = [p.name for p in pngs]

@@ -26,6 +26,7 @@ def pytest_addoption(parser):
     group.addoption("--bench-quick", action="store_true", help="tiny shapes, 1-2 rounds (smoke)")
     group.addoption("--bench-budget-s", type=float, default=None, help="wall-clock seconds to spread over the cases")
     group.addoption("--bench-record", default=None, help="write the per-case records (JSON) to this file")
+    group.addoption("--bench-cache", default=None, choices=core.CACHE_MODES, help="cold (CPU default): caches evicted before every step; warm (GPU default)")
 
 
 def _csv(value: str | None) -> tuple[str, ...] | None:
@@ -51,6 +52,7 @@ class BenchSession:
             total = core.default_budget_s(self.device, self.quick)
         self.budget = core.Budget(total, len(self.cases), self.quick, self.device.type)
         self.record_path = opt("--bench-record")
+        self.cache = opt("--bench-cache") or core.default_cache_mode(self.device)
         self.records: list[dict] = []
 
     def run(self, benchmark, case: core.Case) -> None:
@@ -61,7 +63,9 @@ class BenchSession:
                 pytest.skip(reason)
             benchmark.group = case.group
             try:
-                record = core.run_case(case, self.device, self.budget, lambda step, plan: self._pedantic(benchmark, step, plan))
+                record = core.run_case(
+                    case, self.device, self.budget, lambda step, plan, prepare: self._pedantic(benchmark, step, plan, prepare), self.cache
+                )
             except Unsupported as exc:
                 self.records.append(core.skipped_record(case, self.device, str(exc)))
                 pytest.skip(str(exc))
@@ -75,7 +79,7 @@ class BenchSession:
         benchmark.extra_info.update({k: v for k, v in record.items() if k != "times_s"})
         self.records.append(record)
 
-    def _pedantic(self, benchmark, step, plan: core.Plan) -> list[float]:
+    def _pedantic(self, benchmark, step, plan: core.Plan, prepare=None) -> list[float]:
         target = step
         if self.device.type == "cuda":
             if hasattr(benchmark, "_timer"):
@@ -86,7 +90,9 @@ class BenchSession:
                 def target():
                     step()
                     torch.cuda.synchronize(self.device)
-        benchmark.pedantic(target, rounds=plan.rounds, iterations=plan.iterations, warmup_rounds=0)
+        # pedantic's setup runs untimed before each round (and needs iterations == 1, which a
+        # cold-cache plan has).
+        benchmark.pedantic(target, setup=prepare, rounds=plan.rounds, iterations=plan.iterations, warmup_rounds=0)
         stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
         return list(stats.stats.data) if stats is not None else []
 
@@ -140,11 +146,11 @@ if importlib.util.find_spec("pytest_benchmark") is None:
         def __init__(self, device):
             self.group, self.extra_info, self.stats, self._timer = None, {}, None, core.timer_for(device)
 
-        def pedantic(self, target, rounds=1, iterations=1, warmup_rounds=0):
+        def pedantic(self, target, setup=None, rounds=1, iterations=1, warmup_rounds=0):
             plan = core.Plan(0, 0.0, rounds, iterations)
             for _ in range(warmup_rounds):
                 target()
-            data = core.builtin_measure(target, plan, self._timer)
+            data = core.builtin_measure(target, plan, self._timer, setup)
             self.stats = type("Metadata", (), {"stats": type("Stats", (), {"data": data})()})()
 
     @pytest.fixture

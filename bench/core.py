@@ -141,7 +141,9 @@ _workspace: dict = {}
 
 
 def workspace(case: Case, device: torch.device) -> Workspace:
-    """Params (random, seeded) with grads in place, kept while consecutive cases share them."""
+    """Params (random, seeded) with grads in place, kept while consecutive cases share them.
+
+    This is the master copy: every case times its contender on ``.clone()`` of it."""
     key = (case.set_name, case.point, case.quick, case.dtype, str(device))
     if _workspace.get("key") != key:
         _workspace.clear()
@@ -162,6 +164,7 @@ def workspace(case: Case, device: torch.device) -> Workspace:
 
 def release_workspace() -> None:
     _workspace.clear()
+    _evictor.clear()
     gc.collect()
 
 
@@ -178,6 +181,45 @@ def timer_for(device: torch.device) -> Callable[[], float]:
 
         return synced_perf_counter
     return time.perf_counter
+
+
+CACHE_MODES = ("cold", "warm")
+
+
+def default_cache_mode(device: torch.device) -> str:
+    """cold on CPU (a step right after backward finds little of w, g, b in cache), warm on GPU."""
+    return "cold" if device.type == "cpu" else "warm"
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0)
+    size = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        size = max(size, int(text.rstrip("KMG")) * units.get(text[-1], 1))
+    return size
+
+
+class CacheEvictor:
+    """Rewrites a buffer of 4x the last-level cache (at least 64 MiB) between timed steps, so
+    each step starts from a cold cache, as after a backward pass. Without it a small model
+    stays in cache across steps and a CPU step looks faster than memory."""
+
+    @staticmethod
+    def bytes_for(device: torch.device) -> int:
+        return max(4 * last_level_cache_bytes(device), 64 * 2**20)
+
+    def __init__(self, device: torch.device):
+        self.nbytes = self.bytes_for(device)
+        self.buffer = torch.zeros(self.nbytes // 4, dtype=torch.float32, device=device)
+
+    def __call__(self) -> None:
+        self.buffer.add_(1.0)
 
 
 @dataclass
@@ -224,31 +266,40 @@ class Budget:
         left = self.total_s - (time.perf_counter() - self.started)
         return min(self.max_case_s, max(0.0, left / max(1, self.cases_left)))
 
-    def plan(self, step: Callable[[], None], timer: Callable[[], float]) -> Plan:
-        """Warm up (the first step creates optimizer state), estimate one step, size the rounds."""
-        step()
-        warmup = 1
-        if not self.quick:
-            # A second, steady step (state allocated, kernels compiled, caches warm).
+    def plan(self, step: Callable[[], None], timer: Callable[[], float], prepare: Callable[[], None] | None = None) -> Plan:
+        """Warm up (the first step creates optimizer state), estimate one step, size the rounds.
+
+        With ``prepare`` (cold cache: run before every step, not timed) a round is one step."""
+
+        def timed_step() -> tuple[float, float]:  # (step seconds, wall seconds with prepare)
+            begin = timer()
+            if prepare is not None:
+                prepare()
             start = timer()
             step()
+            end = timer()
+            return end - start, end - begin
+
+        timed_step()
+        warmup = 1
+        if not self.quick:
+            # A second, steady step (state allocated, kernels compiled).
+            second_s, _ = timed_step()
             warmup = 2
-            second_s = timer() - start
             if second_s > self.slow_step_s:
                 # Seconds per step (GPT-2 on a small CPU): that step is estimate enough, and
                 # the fewest rounds are all the budget allows.
                 return Plan(warmup, second_s, 3, 1)
-        n, start = 0, timer()
+        n, step_total, wall_total = 0, 0.0, 0.0
         while True:
-            step()
-            n += 1
-            elapsed = timer() - start
-            if self.quick or n >= 3 or elapsed > 0.2:
+            step_s, wall_s = timed_step()
+            n, step_total, wall_total = n + 1, step_total + step_s, wall_total + wall_s
+            if self.quick or n >= 3 or wall_total > 0.2:
                 break
-        step_s = max(elapsed / n, 1e-7)
-        iterations = max(1, math.ceil(self.min_round_s / step_s))
+        step_s, wall_s = max(step_total / n, 1e-7), max(wall_total / n, 1e-7)
+        iterations = 1 if prepare is not None else max(1, math.ceil(self.min_round_s / step_s))
         min_rounds = 1 if self.quick else (3 if step_s > self.slow_step_s else 5)
-        rounds = int(self.case_budget_s() / (step_s * iterations))
+        rounds = int(self.case_budget_s() / (wall_s * iterations))
         rounds = min(self.max_rounds, max(min_rounds, rounds))
         return Plan(warmup + n, step_s, rounds, iterations)
 
@@ -256,13 +307,18 @@ class Budget:
         self.cases_left = max(0, self.cases_left - 1)
 
 
-def builtin_measure(step: Callable[[], None], plan: Plan, timer: Callable[[], float]) -> list[float]:
-    """pytest-benchmark's pedantic loop without pytest-benchmark: per-step seconds per round."""
+def builtin_measure(
+    step: Callable[[], None], plan: Plan, timer: Callable[[], float], prepare: Callable[[], None] | None = None
+) -> list[float]:
+    """pytest-benchmark's pedantic loop without pytest-benchmark: per-step seconds per round
+    (``prepare``, when given, runs untimed before each round, as pedantic's ``setup``)."""
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         times = []
         for _ in range(plan.rounds):
+            if prepare is not None:
+                prepare()
             start = timer()
             for _ in range(plan.iterations):
                 step()
@@ -323,25 +379,61 @@ def case_record(case: Case, device: torch.device) -> dict:
     )
 
 
+_evictor: dict = {}
+
+
+def cache_evictor(device: torch.device) -> CacheEvictor:
+    if _evictor.get("device") != str(device):
+        _evictor.update(device=str(device), evictor=CacheEvictor(device))
+    return _evictor["evictor"]
+
+
 def run_case(
     case: Case,
     device: torch.device,
     budget: Budget,
-    measure: Callable[[Callable[[], None], Plan], list[float]],
+    measure: Callable[[Callable[[], None], Plan, Callable[[], None] | None], list[float]],
+    cache: str | None = None,
 ) -> dict:
-    """Build the contender on the shared workspace, warm up, time. Raises on a broken step."""
+    """Build the contender on its own copy of the workspace, warm up, time. Raises on a broken
+    step, and (``SkippedSteps``) when FusedALIG skipped any step: no time from a skip path.
+
+    cache "cold" (the CPU default): before every timed step the gradients are restored if the
+    contender changed them (SGD foreach Nesterov adds its momentum into p.grad) and the
+    caches are evicted; "warm": steps back to back, gradients as the contender leaves them."""
+    cache = cache or default_cache_mode(device)
+    if cache not in CACHE_MODES:
+        raise ValueError(f"unknown cache mode {cache!r}; choose from {', '.join(CACHE_MODES)}")
     record = case_record(case, device)
-    ws = workspace(case, device)
+    master = workspace(case, device)
+    ws = master.clone()
     step = CONTENDERS[case.contender].build(ws, VARIANTS.get(case.variant))
     try:
-        plan = budget.plan(step, timer_for(device))
-        times = measure(step, plan)
+        step()  # creates the state; shows whether the contender writes into p.grad
+        mutates_grads = ws.grads_differ_from(master)
+        prepare = None
+        if cache == "cold":
+            evict = cache_evictor(device)
+
+            def prepare() -> None:
+                if mutates_grads:
+                    ws.restore_grads_from(master)
+                evict()
+
+        plan = budget.plan(step, timer_for(device), prepare)
+        plan.warmup_steps += 1
+        times = measure(step, plan, prepare)
+        verify = getattr(step, "verify", None)
+        if verify is not None:
+            verify()
     finally:
-        del step  # drops the optimizer and its state before the next case
-        if ws.numel >= 2**20:  # optimizers hold reference cycles; a full collect costs ~0.1 s
+        del step, ws  # drops the optimizer, its state and the copy before the next case
+        if master.numel >= 2**20:  # optimizers hold reference cycles; a full collect costs ~0.1 s
             gc.collect()
     record.update(
         status="ok",
+        cache=cache,
+        mutates_grads=mutates_grads,
         warmup_steps=plan.warmup_steps,
         rounds=len(times),
         iterations=plan.iterations,
@@ -359,7 +451,9 @@ def failed_record(case: Case, device: torch.device, exc: BaseException) -> dict:
     return dict(case_record(case, device), status="failed", reason=f"{type(exc).__name__}: {exc}")
 
 
-def run_cases_builtin(cases: list[Case], device: torch.device, budget: Budget, log: Callable[[str], None] = print) -> list[dict]:
+def run_cases_builtin(
+    cases: list[Case], device: torch.device, budget: Budget, log: Callable[[str], None] = print, cache: str | None = None
+) -> list[dict]:
     """The suites' cases through the built-in timing loop (no pytest-benchmark needed)."""
     timer = timer_for(device)
     records = []
@@ -369,7 +463,7 @@ def run_cases_builtin(cases: list[Case], device: torch.device, budget: Budget, l
             record = skipped_record(case, device, reason)
         else:
             try:
-                record = run_case(case, device, budget, lambda step, plan: builtin_measure(step, plan, timer))
+                record = run_case(case, device, budget, lambda step, plan, prepare: builtin_measure(step, plan, timer, prepare), cache)
             except Unsupported as exc:
                 record = skipped_record(case, device, str(exc))
             except Exception as exc:  # a broken backend must not stop the other cases

@@ -3,6 +3,7 @@
 // the between-passes arithmetic and `torch_alig` for the order of the pass-2 operations.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -70,8 +71,13 @@ ALIG_HOST_DEVICE inline double total_grad_sq_norm(const double* sums, int64_t n_
   return total;
 }
 
+// The skip rule of functional.finalize: a non-finite loss, or G = ||g||^2 not below FLT_MAX
+// (nan and inf included), or found_inf. FLT_MAX and not "G finite" because the kernels add
+// fp32 partial sums: one that overflows makes G inf only when G >= FLT_MAX anyway (up to
+// the fp32 rounding of that partial sum), so with this bound every backend skips the same
+// steps however it sums (the torch path's float64 sums of 1e40 would otherwise step).
 ALIG_HOST_DEVICE inline bool step_is_skipped(double loss, double grad_sq_norm, bool found_inf) {
-  return !(is_finite(loss) && is_finite(grad_sq_norm)) || found_inf;
+  return !(is_finite(loss) && grad_sq_norm < static_cast<double>(FLT_MAX)) || found_inf;
 }
 
 // min(1, R / ||w'||) from ||w'||^2: functional.projection_scale.

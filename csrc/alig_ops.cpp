@@ -38,11 +38,21 @@ void check_layout(const at::Tensor& t, const at::Tensor& param, const char* name
                     ", params[", i, "] has shape ", param.sizes());
   TORCH_CHECK_VALUE(t.scalar_type() == param.scalar_type(), "alig_fused: ", name, "[", i, "] has dtype ",
                     t.scalar_type(), ", params[", i, "] has dtype ", param.scalar_type());
-  const bool same_layout = t.is_contiguous() ? param.is_contiguous() : t.strides() == param.strides();
-  TORCH_CHECK_VALUE(same_layout && t.is_non_overlapping_and_dense(), "alig_fused: ", name, "[", i,
-                    "] is not contiguous (strides ", t.strides(), ", params[", i, "] has strides ",
-                    param.strides(), "); backend='cpp' needs contiguous tensors: call .contiguous() on the "
-                    "parameters and gradients, or use backend='torch'");
+  TORCH_CHECK_VALUE(t.is_non_overlapping_and_dense(), "alig_fused: ", name, "[", i, "] is not contiguous (strides ",
+                    t.strides(), ": not one dense block of memory); backend='cpp' needs dense tensors: call "
+                    ".contiguous() on it, or use backend='torch'");
+  // The message names the tensor at fault and both layouts (FusedALIG checks the same rule
+  // in Python, alig_fused/backends.py: layout_problem, before it creates any state).
+  const char* fix =
+      "; backend='cpp' needs a gradient and momentum buffer in their parameter's memory layout (make them all "
+      "contiguous, or use backend='torch')";
+  if (t.is_contiguous()) {
+    TORCH_CHECK_VALUE(param.is_contiguous(), "alig_fused: ", name, "[", i, "] is contiguous (strides ", t.strides(),
+                      ") but params[", i, "] is not (strides ", param.strides(), ")", fix);
+  } else {
+    TORCH_CHECK_VALUE(t.strides() == param.strides(), "alig_fused: ", name, "[", i, "] is not contiguous (strides ",
+                      t.strides(), ") and params[", i, "] has other strides (", param.strides(), ")", fix);
+  }
 }
 
 at::Tensor scalar_float(const std::optional<at::Tensor>& opt, const at::Device& device, const char* name) {

@@ -27,7 +27,7 @@ setup() {
     log "installing torch, triton and the tools"
     # torch first and pinned, so nothing below pulls a multi-GB CUDA build in its place.
     pip_install "$TORCH_SPEC" "$TRITON_SPEC" numpy setuptools wheel ninja
-    pip_install pytest pytest-benchmark scikit-learn matplotlib tqdm
+    pip_install pytest pytest-benchmark hypothesis scikit-learn matplotlib tqdm
     pip_install --no-deps pytorch_optimizer
     # the reference MoMo (tests/test_momo.py runs it as a client); its only deps are torch and numpy
     pip_install --no-deps momo-opt==0.1.0

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+FLT_MAX = float(torch.finfo(torch.float32).max)
+
 
 class ReferenceALIG:
     """Per-parameter loop. groups: list of dicts with 'params' and the hyper-parameters."""
@@ -43,7 +45,9 @@ class ReferenceALIG:
         grad_sq_norm = 0.0
         for grad in grads:
             grad_sq_norm += float(grad.double().norm()) ** 2
-        if not (math.isfinite(loss) and math.isfinite(grad_sq_norm)):
+        # Skipped for a non-finite loss, or ||g||^2 not below float32's max (FusedALIG's rule,
+        # one for every backend whether it sums in float32 or float64).
+        if not (math.isfinite(loss) and grad_sq_norm < FLT_MAX):
             self.skipped += 1
             self.step_sizes = [0.0] * len(self.groups)
             return

@@ -18,7 +18,7 @@ STEPS = 50
 # the solution amplify such perturbations, so the bound is calibrated on the plain loop
 # itself run with the same storage dtype: the fused step may be at most 3x further from the
 # exact trajectory than the plain loop in that dtype, plus a floor of a few storage ulps.
-FLOOR = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+FLOOR = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float64: 1e-13}
 
 
 def problem_loss(params, targets, active):
@@ -50,20 +50,30 @@ def make_groups(spec, seed=0):
     return groups
 
 
-def run_pair(spec, backend, dtype=torch.float32, steps=STEPS, inactive=None, use_closure=False, seed=0, **opt_kwargs):
+def run_pair(
+    spec, backend, dtype=torch.float32, steps=STEPS, inactive=None, use_closure=False, seed=0, loss_as_float=False,
+    perturb=None, **opt_kwargs,
+):
     """Run FusedALIG (dtype) and the float64 reference from the same start for ``steps``.
 
+    dtype: one dtype, or a list of one per tensor (over all groups, in order).
     inactive(step, flat_index) -> True leaves that tensor without a gradient at that step.
+    loss_as_float: FusedALIG gets the loss as a Python float (else as the loss tensor);
+    use_closure: through a closure returning it.
+    perturb(step, params, loss) -> loss, applied to each of the three runs alike after the
+    backward pass, may edit the gradients or the loss (e.g. to make a step that is skipped).
     Returns a namespace: fused (params), opt, exact (float64 reference params), reference,
     plain (the plain loop's params in ``dtype``), expected_step_sizes (the reference formula
     applied to the fused run's own last loss and gradients).
     """
     groups = make_groups(spec, seed)
     fused_groups, ref_groups, lowp_groups, fused_flat, ref_flat, lowp_flat, targets = [], [], [], [], [], [], []
+    dtypes = iter(dtype) if isinstance(dtype, (list, tuple)) else None
     for tensors, tgts, hparams in groups:
-        fused = [t.to(dtype).requires_grad_() for t in tensors]
+        storage = [next(dtypes) if dtypes else dtype for _ in tensors]
+        fused = [t.to(d, copy=True).requires_grad_() for t, d in zip(tensors, storage)]
         ref = [t.clone().requires_grad_() for t in tensors]
-        lowp = [t.to(dtype).requires_grad_() for t in tensors]
+        lowp = [t.to(d, copy=True).requires_grad_() for t, d in zip(tensors, storage)]
         fused_groups.append({"params": fused, **hparams})
         ref_groups.append({"params": ref, **hparams})
         lowp_groups.append({"params": lowp, **hparams})
@@ -82,10 +92,13 @@ def run_pair(spec, backend, dtype=torch.float32, steps=STEPS, inactive=None, use
                 p.grad = None
             loss = problem_loss(flat, targets, active)
             loss.backward()
+            if perturb is not None:
+                loss = perturb(step, flat, loss)
             if reference is None:
                 expected = expected_step_sizes(fused_groups, float(loss.detach()), opt_kwargs.get("eps", 1e-5))
-                returned = opt.step(lambda: loss) if use_closure else opt.step(loss=loss)
-                assert returned is loss
+                given = float(loss.detach()) if loss_as_float else loss
+                returned = opt.step(lambda: given) if use_closure else opt.step(loss=given)
+                assert returned is given
             else:
                 reference.step(float(loss.detach()))
     return SimpleNamespace(
@@ -289,7 +302,7 @@ def _snapshot(opt, params):
     return [p.detach().clone() for p in params] + [opt.state[p]["momentum_buffer"].clone() for p in params]
 
 
-@pytest.mark.parametrize("bad", ["nan_loss", "inf_loss", "inf_grad", "nan_grad", "found_inf"])
+@pytest.mark.parametrize("bad", ["nan_loss", "inf_loss", "inf_grad", "nan_grad", "huge_grad", "found_inf"])
 def test_non_finite_step_is_skipped_bit_identical(backend, bad):
     params = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
     targets = [torch.zeros_like(p, dtype=torch.float64) for p in params]
@@ -308,6 +321,8 @@ def test_non_finite_step_is_skipped_bit_identical(backend, bad):
         params[1].grad[3] = float("inf")
     elif bad == "nan_grad":
         params[0].grad[1, 2] = float("nan")
+    elif bad == "huge_grad":  # finite, but ||g||^2 = 1e40 > float32 max: skipped on every backend
+        params[0].grad[1, 2] = 1e20
     else:
         opt.grad_scale = torch.tensor(1.0)
         opt.found_inf = torch.tensor(1.0)
@@ -323,6 +338,51 @@ def test_non_finite_step_is_skipped_bit_identical(backend, bad):
     _train(opt, params, targets, 1)
     assert int(opt.skipped_steps) == 1
     assert not torch.equal(before[0], params[0].detach())
+
+
+FLT_MAX = torch.finfo(torch.float32).max
+
+
+@pytest.mark.parametrize(
+    "big, skipped",
+    [
+        ({(0, 0): 1e20}, True),  # one square overflows float32
+        ({(0, 0): 1.5e19, (0, 1): 1.5e19}, True),  # each square fits, their sum does not
+        ({(0, 0): 1.5e19, (1, 3): 1.5e19}, True),  # two tensors, each ||g||^2 < FLT_MAX, G > FLT_MAX
+        ({(0, 0): 1e19, (1, 3): 1e19}, False),  # G = 2e38 < FLT_MAX: a step
+    ],
+    ids=["one_huge_element", "two_in_one_tensor", "two_tensors", "below_the_limit"],
+)
+def test_gradient_norm_at_the_float32_limit(backend, big, skipped):
+    """One rule on every backend: skip when G = ||g||^2 is not below float32's max, however
+    the backend sums (fp32 partial sums overflow only where G is that large; float64 ones do not)."""
+    params = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    opt = FusedALIG(params, momentum=0.9, backend=backend)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step(loss=1.0)  # buffers exist and are not zero
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    for (tensor, index), value in big.items():
+        params[tensor].grad.view(-1)[index] = value
+    grad_sq_norm = sum(float(p.grad.double().norm()) ** 2 for p in params)
+    assert (grad_sq_norm >= FLT_MAX) == skipped
+    before = [p.detach().clone() for p in params] + [opt.state[p]["momentum_buffer"].clone() for p in params]
+    loss = 1e30  # gamma ~5e-9: the elements of 1e19 move by ~1e11, visibly
+    opt.step(loss=loss)
+    if skipped:
+        assert int(opt.skipped_steps) == 1 and float(opt.param_groups[0]["step_size"]) == 0.0
+        after = [p.detach() for p in params] + [opt.state[p]["momentum_buffer"] for p in params]
+        assert all(torch.equal(b, a) for b, a in zip(before, after))
+    else:
+        assert int(opt.skipped_steps) == 0
+        assert float(opt.param_groups[0]["step_size"]) == pytest.approx(loss / grad_sq_norm, rel=1e-5)
+        assert all(torch.isfinite(p).all() and not torch.equal(b, p.detach()) for b, p in zip(before, params))
+    reference = ReferenceALIG([{"params": [b.double() for b in before[:2]], "momentum": 0.9}])
+    for b, p in zip(reference.groups[0]["params"], params):
+        b.grad = p.grad.double()
+    reference.step(loss)
+    assert reference.skipped == int(skipped)
 
 
 def test_grad_scale_is_unscaled_inside(backend):
@@ -454,6 +514,14 @@ def test_float64_parameters_run_on_the_torch_path():
         if backends.supports(name, torch.device("cpu"))[0]:
             with pytest.raises(TypeError, match="float64"):
                 FusedALIG([p], backend=name)
+
+
+@pytest.mark.parametrize("config", ["plain", "momentum", "adjusted_no_cap", "projection", "f_star_scaling"])
+def test_float64_follows_the_float64_reference(config):
+    """float64 parameters step in float64: coefficients included (no float32 rounding)."""
+    run = run_pair([(SHAPES, CONFIGS[config])], "torch", dtype=torch.float64, steps=16)
+    assert all(p.dtype == torch.float64 for p in run.fused)
+    assert trajectory_error(run.fused, run.exact) < 1e-13
 
 
 def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
@@ -635,3 +703,57 @@ def test_grad_scaler_with_bf16_autocast_on_cpu(backend):
     for p, q in zip(runs[True], runs[False]):
         # a power-of-two scale is exact in bf16: only the unscaling's rounding differs
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def tiny_torch_batches(monkeypatch):
+    """The torch path's pieces and batches at a few elements, so that the test shapes are
+    split into flat views and spread over several batches."""
+    from alig_fused import functional
+
+    monkeypatch.setattr(functional, "PIECE_ELEMENTS", 5)
+    monkeypatch.setattr(functional, "BATCH_ELEMENTS", 11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", ["momentum", "projection", "projection_no_momentum"])
+def test_torch_path_in_pieces_follows_reference(tiny_torch_batches, config, dtype):
+    run = run_pair([(SHAPES, CONFIGS[config]), ([(9,), (2, 2)], CONFIGS["momentum"])], "torch", dtype=dtype)
+    assert_follows_reference(run.fused, run.exact, run.plain, dtype)
+    assert int(run.opt.skipped_steps) == 0
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["measured", "analytic"])
+def test_torch_path_in_pieces_equals_whole_tensors(monkeypatch, sharded):
+    """Splitting into pieces changes only the rounding of the sums (fp32 norms per piece),
+    for the measured projection and for the sharded path's analytic one (reduce_sums)."""
+    from alig_fused import functional
+
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(40, 13), (7,), (1,), (300,)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) * 0.1 for s in shapes] for _ in range(3)]
+    hparams = [functional.GroupHParams(0.5, 0.9, False, 3.0, 1e-5, 0.0, 1.0), functional.GroupHParams(0.2, 0.0, False, math.inf, 1e-5, 0.0, 1.0)]
+    group_index = [0, 0, 1, 0]
+    runs = {}
+    for piece, batch in ((1 << 16, 1 << 17), (16, 50)):
+        monkeypatch.setattr(functional, "PIECE_ELEMENTS", piece)
+        monkeypatch.setattr(functional, "BATCH_ELEMENTS", batch)
+        params = [p.clone() for p in start]
+        buffers = [torch.zeros_like(start[0]), torch.zeros_like(start[1]), torch.empty(0), torch.zeros_like(start[3])]
+        step_size, skipped = torch.zeros(2), torch.zeros((), dtype=torch.int64)
+        scale = torch.tensor(4.0)
+        for g in grads:
+            functional.torch_alig(
+                params, [x * 4 for x in g], buffers, group_index, hparams, torch.tensor(2.0, dtype=torch.float64),
+                step_size, skipped, scale, None, {}, (lambda s, l: (s, l)) if sharded else None,
+            )
+        runs[piece] = params + buffers, step_size.clone()
+        assert int(skipped) == 0
+    (whole, whole_sizes), (pieces, piece_sizes) = runs.values()
+    assert not torch.equal(whole[0], start[0])
+    for x, y in zip(whole, pieces):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole_sizes, piece_sizes, rtol=1e-5, atol=0)
+    norm = math.sqrt(sum(float(p.double().norm()) ** 2 for i, p in enumerate(pieces[:4]) if group_index[i] == 0))
+    assert norm == pytest.approx(3.0, rel=1e-5)  # the ball binds and holds

@@ -38,7 +38,7 @@ def test_quick_run_writes_a_report(tmp_path):
     records = data["records"]
     assert records and all(r["status"] in ("ok", "skipped") for r in records), [r for r in records if r["status"] != "ok"][:3]
     ran = {r["contender"] for r in records if r["status"] == "ok"}
-    assert {"fused_torch", "ref_loop", "modern_loop", "sgd_foreach", "sgd_fused", "adam_foreach", "adam_fused", "copy"} <= ran
+    assert {"fused_torch", "ref_loop", "modern_loop", "sgd_foreach", "sgd_fused", "adam_foreach", "adam_fused", "inplace_add", "copy"} <= ran
     assert {r["set"] for r in records} == {"resnet50", "gpt2", "many_small", "sweep_tensors", "sweep_params"}
     for r in records:
         if r["status"] == "ok":
@@ -47,7 +47,8 @@ def test_quick_run_writes_a_report(tmp_path):
             assert r["reason"]
     env = data["environment"]
     text = (tmp_path / "report.md").read_text()
-    for needle in ("ms/step", "vs ref loop", "% copy", env["torch"], env["date"], env["device_name"]):
+    assert data["cache"] == "cold" and "cold cache" in data["timing"]
+    for needle in ("ms/step", "vs ref loop", "% roofline", env["torch"], env["date"], env["device_name"]):
         assert needle in text
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "time_vs_params.png").stat().st_size > 0
@@ -68,16 +69,71 @@ def test_derived_numbers():
     records = [
         dict(base, contender="copy", family="copy", variant="-", transfers_per_element=2, bytes_per_step=8000, median_s=1e-6),
         dict(base, contender="sgd_foreach", family="baseline", variant="-", transfers_per_element=5, bytes_per_step=20000, median_s=4e-6),
+        dict(base, contender="inplace_add", family="stream", variant="-", transfers_per_element=3, bytes_per_step=12000, median_s=2e-6),
         dict(base, contender="ref_loop", family="alig", variant="momentum", transfers_per_element=6, bytes_per_step=24000, median_s=1e-5),
         dict(base, contender="modern_loop", family="alig", variant="momentum", transfers_per_element=6, bytes_per_step=24000, median_s=7.5e-6),
         dict(base, contender="fused_cpp", family="alig", variant="momentum", transfers_per_element=6, bytes_per_step=24000, median_s=5e-6),
     ]
-    copy, sgd, ref, _, fused = report.derive(records)
+    copy, sgd, add, ref, _, fused = report.derive(records)
     assert fused["speedup_vs_modern_loop"] == pytest.approx(1.5)
-    assert copy["gbps"] == pytest.approx(8.0) and copy["copy_fraction"] == pytest.approx(1.0)
-    assert fused["gbps"] == pytest.approx(4.8) and fused["copy_fraction"] == pytest.approx(0.6)
+    # roofline: the best in-place stream (w += g at 6 GB/s beats SGD's 5), not copy_'s 8
+    assert copy["gbps"] == pytest.approx(8.0) and fused["copy_gbps"] == pytest.approx(8.0)
+    assert fused["roofline_gbps"] == pytest.approx(6.0) and fused["roofline_contender"] == "inplace_add"
+    assert fused["gbps"] == pytest.approx(4.8) and fused["roofline_fraction"] == pytest.approx(0.8)
+    assert sgd["roofline_fraction"] == pytest.approx(5 / 6)
     assert fused["speedup_vs_ref"] == pytest.approx(2.0) and fused["speedup_vs_sgd"] == pytest.approx(0.8)
-    assert sgd["speedup_vs_ref"] is None and copy["speedup_vs_sgd"] is None
+    assert sgd["speedup_vs_ref"] is None and copy["speedup_vs_sgd"] is None and add["speedup_vs_sgd"] is None
+
+
+def _measure(step, plan, prepare):
+    import time
+
+    from bench import core
+
+    return core.builtin_measure(step, plan, time.perf_counter, prepare)
+
+
+def test_bench_refuses_a_time_from_skipped_steps(monkeypatch):
+    """A FusedALIG case whose steps are skipped (an inf gradient) fails with no time."""
+    import torch
+
+    from bench import contenders, core
+
+    device = torch.device("cpu")
+    case = core.Case("resnet50", "fp32", "fused_torch", "momentum", quick=True)
+    master = core.workspace(case, device)
+    master.params[0].grad.view(-1)[0] = float("inf")
+    monkeypatch.setattr(core, "workspace", lambda case, device: master)
+    try:
+        with pytest.raises(contenders.SkippedSteps, match="skipped"):
+            core.run_case(case, device, core.Budget(1.0, 1, quick=True), _measure)
+        (record,) = core.run_cases_builtin([case], device, core.Budget(1.0, 1, quick=True), log=lambda _: None)
+        assert record["status"] == "failed" and "SkippedSteps" in record["reason"]
+        assert "median_s" not in record and "times_s" not in record
+    finally:
+        core.release_workspace()
+
+
+def test_contenders_do_not_share_gradients():
+    """SGD foreach Nesterov adds momentum into p.grad: on its own copy, restored before every
+    cold step, the master gradients and the next contender's stay untouched."""
+    import torch
+
+    from bench import core
+
+    device = torch.device("cpu")
+    sgd = core.Case("resnet50", "fp32", "sgd_foreach", "-", quick=True)
+    fused = core.Case("resnet50", "fp32", "fused_torch", "momentum", quick=True)
+    try:
+        master = core.workspace(sgd, device)
+        grads = [p.grad.clone() for p in master.params]
+        sgd_record = core.run_case(sgd, device, core.Budget(1.0, 2, quick=True), _measure, cache="cold")
+        assert sgd_record["mutates_grads"] and sgd_record["cache"] == "cold"
+        assert all(torch.equal(p.grad, g) for p, g in zip(master.params, grads))
+        fused_record = core.run_case(fused, device, core.Budget(1.0, 1, quick=True), _measure, cache="warm")
+        assert fused_record["status"] == "ok" and not fused_record["mutates_grads"]
+    finally:
+        core.release_workspace()
 
 
 @pytest.mark.parametrize("loop", ["ReferenceLoopALIG", "ModernLoopALIG"])
