@@ -20,7 +20,7 @@ loads this file when it sits beside the installed package). The library does not
   FusedALIG (Nesterov momentum 0.9, the weight matrices kept in an l2 ball, no schedule:
   sweep of the cap ``max_lr``), AdamW (warm-up then cosine decay, weight decay on the
   matrices: sweep of the peak lr), SGD with Nesterov momentum (the same warm-up and cosine
-  decay: sweep of the peak lr), and FusedMoMo once ``alig_fused.FusedMoMo`` exists. The best
+  decay: sweep of the peak lr), and FusedMoMo (beta 0.9, lb 0, no schedule: sweep of lr). The best
   of each sweep is picked by the final validation loss; every run is reported.
 - Output (``--out``): ``val_loss.png`` (validation bits per byte against steps and against
   training wall time), ``alig_step_size.png`` (ALI-G's step size and the uncapped Polyak
