@@ -440,8 +440,11 @@ class FusedALIG(Optimizer):
         """The last step's numbers as device tensors (no sync): ``step_size`` [n_groups],
         ``step_size_unclipped`` [n_groups] (the Polyak step before the cap), ``capped``
         [n_groups] bool, ``grad_sq_norm`` and ``loss`` (0-dim), ``skipped`` (0-dim bool);
-        FusedMoMo adds ``lb`` and ``f_bar``. Empty before the first step. Turning it on (the
-        first call) adds a few small device ops per step from the next step on.
+        FusedMoMo adds ``lb`` and ``f_bar``. On FusedALIG they are off until the first call
+        (which returns ``{}`` unless ``enable_history`` turned them on): from the next step on
+        a step also takes ||g||^2 with foreach norms (one more read of the gradients, as the
+        fused finalizes do not export it) and a few small device ops. FusedMoMo and the
+        drop-in AliG keep them from the first step.
         """
         self._wants_diagnostics = True
         return dict(getattr(self, "_last_diagnostics", {}))
