@@ -61,7 +61,9 @@ class FusedMoMo(FusedALIG):
     ):
         if unsupported:
             names = ", ".join(map(repr, unsupported))
-            hint = "; only bias_correction=False (the reference's default) is implemented" if "bias_correction" in unsupported else ""
+            hint = ""
+            if "bias_correction" in unsupported:
+                hint = "; only bias_correction=False (the reference's default) is implemented"
             raise TypeError(f"FusedMoMo got unexpected argument(s) {names}{hint}")
         if momentum is not None:  # torch's name for the same factor
             beta = momentum
@@ -111,7 +113,8 @@ class FusedMoMo(FusedALIG):
                 seen.add(id(lr))
 
     def _run_backend(
-        self, backend, params, grads, buffers, group_index, group_hparams, loss, step_sizes, grad_scale, found_inf, reduce_sums
+        self, backend, params, grads, buffers, group_index, group_hparams, loss, step_sizes, grad_scale, found_inf,
+        reduce_sums,
     ) -> None:
         state = self.momo_state(loss.device)
         result = momo_step(
@@ -190,7 +193,9 @@ def _check_momo_group(group: dict, where: str, read_device_lr: bool = False) -> 
         raise ValueError(f"{where}: FusedMoMo needs an lr (the cap on tau), got None")
     if isinstance(lr, Tensor):
         if lr.numel() != 1 or not lr.is_floating_point():
-            raise TypeError(f"{where}: a tensor lr must hold one floating-point number, got {lr.dtype} of shape {tuple(lr.shape)}")
+            raise TypeError(
+                f"{where}: a tensor lr must hold one floating-point number, got {lr.dtype} of shape {tuple(lr.shape)}"
+            )
         lr = lr.item() if (lr.device.type == "cpu" or read_device_lr) else None
     if lr is not None:
         lr = _number(lr, "lr", where)

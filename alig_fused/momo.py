@@ -97,7 +97,8 @@ def momo_finalize(
     gamma_bar = torch.where(first, wg, beta * state.gamma_bar + keep * wg)
 
     # ||g||^2 as functional.finalize tests it (an fp32-overflowing G skips: the kernels' fp32 math)
-    skip = ~(torch.isfinite(loss) & (gg < MAX_GRAD_SQ_NORM) & torch.isfinite(norm) & torch.isfinite(dot) & torch.isfinite(gamma_bar))
+    finite = torch.isfinite(norm) & torch.isfinite(dot) & torch.isfinite(gamma_bar)
+    skip = ~(torch.isfinite(loss) & (gg < MAX_GRAD_SQ_NORM) & finite)
     if found_inf is not None:
         skip = skip | (found_inf.reshape(()) > 0)
 

@@ -400,7 +400,8 @@ class FusedALIG(Optimizer):
         return _group_hparams(group)
 
     def _run_backend(
-        self, backend, params, grads, buffers, group_index, group_hparams, loss, step_sizes, grad_scale, found_inf, reduce_sums
+        self, backend, params, grads, buffers, group_index, group_hparams, loss, step_sizes, grad_scale, found_inf,
+        reduce_sums,
     ) -> None:
         cache = self._cache.setdefault(backend, {})
         if self._history is None and not self._wants_diagnostics:
@@ -475,7 +476,8 @@ class FusedALIG(Optimizer):
         columns = self._diagnostic_columns(n_groups)
         for name, (start, width) in columns.items():
             value = window[:, start : start + width]
-            out[name] = value if width > 1 or name in ("step_size", "step_size_unclipped", "capped", "tau") else value[:, 0]
+            per_group = name in ("step_size", "step_size_unclipped", "capped")
+            out[name] = value if width > 1 or per_group else value[:, 0]
         out["written"] = written
         return out
 
@@ -492,8 +494,10 @@ class FusedALIG(Optimizer):
 
     def _record(self, step_size, unclipped, capped, grad_sq_norm, loss, skipped, **extra) -> None:
         """Keep the step's diagnostics (device tensors) and, with a history, write one row."""
-        values = dict(step_size=step_size, step_size_unclipped=unclipped, capped=capped,
-                      grad_sq_norm=grad_sq_norm.reshape(()), loss=loss.reshape(()).to(torch.float64), skipped=skipped.reshape(()))
+        values = dict(
+            step_size=step_size, step_size_unclipped=unclipped, capped=capped, grad_sq_norm=grad_sq_norm.reshape(()),
+            loss=loss.reshape(()).to(torch.float64), skipped=skipped.reshape(()),
+        )
         values.update({k: v.reshape(()) for k, v in extra.items()})
         self._last_diagnostics = values
         if not getattr(self, "_history_enabled", False):
