@@ -123,7 +123,7 @@ def layout_problem(name: str, param: torch.Tensor, grad: torch.Tensor, buffer: t
     """
     tensors = (("the parameter", param), ("its gradient", grad), ("its momentum buffer", buffer))
     if name in ("triton", "cpp"):
-        if not _dense(param):
+        if not is_dense(param):
             return (f"the parameter is not dense (strides {param.stride()}); backend {name!r} walks a tensor's memory "
                     "as one flat array (make it contiguous, or use backend='torch')")
         fix = (f"backend {name!r} needs a gradient and momentum buffer in their parameter's memory layout "
@@ -133,13 +133,13 @@ def layout_problem(name: str, param: torch.Tensor, grad: torch.Tensor, buffer: t
                 continue
             if t.is_contiguous() and not param.is_contiguous():
                 return f"{what} is contiguous (strides {t.stride()}) but the parameter is not (strides {param.stride()}); {fix}"
-            if not t.is_contiguous() and (t.stride() != param.stride() or not _dense(t)):
+            if not t.is_contiguous() and (t.stride() != param.stride() or not is_dense(t)):
                 return (f"{what} is not contiguous (strides {t.stride()}) and the parameter has other strides "
                         f"({param.stride()}); {fix}")
     return ""
 
 
-def _dense(t: torch.Tensor) -> bool:
+def is_dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense: the elements fill one block of memory, in any dimension order."""
     if t.numel() == 0:
         return True

@@ -13,7 +13,7 @@ parameters live on a GPU. Backends of the update (``backend=``):
   synchronisation step and 0 otherwise (no branch, capturable); on the CPU the counter is
   host memory and reading it costs nothing, so the update only runs on synchronisation steps.
 - ``"auto"``: triton for CUDA tensors it can address (one device; float32, bfloat16,
-  float16; contiguous) when triton imports, else torch.
+  float16; dense) when triton imports, else torch.
 """
 
 from __future__ import annotations
@@ -176,10 +176,14 @@ class Lookahead(Optimizer):
             slow = self.state.get(p, {}).get("slow_param", p)  # a missing one is made as a clone of p
             if p.dtype not in backends.KERNEL_DTYPES:
                 return f"parameter {i} is {p.dtype}; the Triton kernel takes float32, bfloat16 and float16 parameters"
-            for what, t in (("parameter", p), ("slow weight", slow)):
-                if not t.is_contiguous():
-                    return (f"the {what} of parameter {i} (shape {tuple(p.shape)}) is not contiguous (strides "
-                            f"{t.stride()}); the Triton kernel addresses tensors as flat arrays")
+            # The kernel's rule (triton_kernels' layout check): dense, the slow weight laid out as
+            # its parameter (a clone keeps a dense tensor's strides).
+            if not backends.is_dense(p):
+                return (f"parameter {i} (shape {tuple(p.shape)}, strides {p.stride()}) is not contiguous nor dense "
+                        "(a view with gaps); the Triton kernel addresses tensors as flat spans of memory")
+            if slow is not p and slow.stride() != p.stride():
+                return (f"the slow weight of parameter {i} has strides {slow.stride()}, its parameter {p.stride()}; "
+                        "the Triton kernel needs them laid out alike")
         return ""
 
     def _sync_slow_weights(self, backend: str | None = None) -> None:

@@ -632,6 +632,11 @@ class _StepPlan:
 
     def current_grads(self) -> list[Tensor] | None:
         """This step's gradients, or None when the plan no longer describes them."""
+        if torch.compiler.is_compiling():  # dynamo cannot trace attrgetter; tracing runs once
+            grads = [p.grad for p in self.params]
+            if any(g is None or g.is_sparse for g in grads) or any(p.grad is not None for p in self.without_grad):
+                return None
+            return grads
         # C-level passes (map over attribute getters): the Triton path's host time per step
         # must stay below torch's own per-step grouping (bench/host_cost.py).
         grads = list(map(_grad_of, self.params))

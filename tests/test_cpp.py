@@ -245,11 +245,12 @@ def test_channels_last_params():
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_equals_torch_backend(config):
     # Same inputs: the pass-2 arithmetic is the foreach path's, operation for operation;
-    # only G's summation order differs (a last-bit change in gamma), so one step agrees to
-    # ~1 ulp of |w| <= 3 (2.4e-7; absolute, since w - c g may cancel) and a few steps to a
-    # few ulps.
+    # only G's summation differs: both add fp32 partial sums in fp64, the C++ op per chunk,
+    # the torch path per 2^17-element piece through fp32 norms, so gamma differs by ~1e-7
+    # relative. One step agrees to a few ulps of |w| <= 3 (absolute, since w - c g may
+    # cancel; measured 6e-7 at most) and a few steps to a few more.
     runs = {b: Run(make_problem(CONFIGS[config]), b) for b in ("cpp", "torch")}
-    for steps, rtol, atol in ((1, 1e-6, 5e-7), (4, 1e-5, 2e-6)):
+    for steps, rtol, atol in ((1, 1e-6, 1e-6), (4, 1e-5, 2e-6)):
         for _ in range(steps):
             for r in runs.values():
                 r.step()
