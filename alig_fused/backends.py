@@ -1,4 +1,9 @@
-"""Which implementation of the step runs: discovery, the saved import errors, the picker.
+"""Which implementation of the step runs: the backend registry, the saved import errors, the picker.
+
+Each backend is one record (``Backend``) added with ``register``: its name, the devices and
+parameter dtypes it takes, its rank under ``"auto"`` per device, a lazy loader of its step
+function and a check of the device once loaded. ``pick``, ``supports`` and
+``available_backends`` read only the records (docs/backends.md, "Adding a backend").
 
 A backend chosen by ``"auto"`` that fails to import is passed over, its reason kept for
 ``why_unavailable`` and ``available_backends`` (``alig-fused backends``); one asked for by
@@ -9,40 +14,66 @@ why no prebuilt extension fits this torch and what the just-in-time build said).
 from __future__ import annotations
 
 import os
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import torch
 
-BACKENDS = ("torch", "triton", "cpp")
 # What the fused kernels store (math in fp32); the torch path takes any floating dtype.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ANY_DEVICE = "*"  # an auto_rank key: every device type
 
 
 class BackendUnavailableError(RuntimeError):
     """A backend asked for by name cannot run here; the message says why."""
 
 
-def _load_triton() -> Callable:
-    from .triton_kernels import triton_alig  # noqa: WPS433 (imports triton)
-
-    return triton_alig
+def _runs_anywhere(device: torch.device) -> str:
+    return ""
 
 
-def _load_cpp() -> Callable:
-    from .cpp_ops import cpp_alig  # noqa: WPS433 (loads the compiled extension)
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the step (the signature of ``functional.torch_alig``)."""
 
-    return cpp_alig
+    name: str
+    load: Callable[[], Callable]  # imports and returns the step function (may raise)
+    # device type -> the parameter dtypes it takes there; None: any device, any floating dtype
+    dtypes: Mapping[str, frozenset] | None
+    # device type (or ANY_DEVICE) -> rank under "auto", lowest first; absent: only by name
+    auto_rank: Mapping[str, int] = field(default_factory=dict)
+    # device type -> the dtypes "auto" sends to it (None: all of ``dtypes``)
+    auto_dtypes: Mapping[str, frozenset] | None = None
+    # once loaded: why it cannot run on this device ("" when it can), e.g. no CUDA kernels
+    device_problem: Callable[[torch.device], str] = _runs_anywhere
+    # its kernels walk each tensor's memory as one flat array (``layout_problem``)
+    flat_memory: bool = False
+
+    def takes(self, device: torch.device) -> frozenset | None:
+        """The dtypes it takes on ``device`` (None: any; empty: not this device)."""
+        return None if self.dtypes is None else self.dtypes.get(device.type, frozenset())
+
+    def auto_takes(self, device: torch.device) -> frozenset | None:
+        return self.takes(device) if self.auto_dtypes is None else self.auto_dtypes.get(device.type, frozenset())
+
+    def rank(self, device: torch.device) -> int | None:
+        return self.auto_rank.get(device.type, self.auto_rank.get(ANY_DEVICE))
 
 
-def _load_torch() -> Callable:
-    from .functional import torch_alig
-
-    return torch_alig
-
-
-_LOADERS = {"torch": _load_torch, "triton": _load_triton, "cpp": _load_cpp}
+REGISTRY: dict[str, Backend] = {}
+BACKENDS: tuple[str, ...] = ()  # the registered names, in registration order
 _loaded: dict[str, Callable] = {}
 _errors: dict[str, str] = {}
+
+
+def register(backend: Backend) -> Backend:
+    """Add (or replace) a backend; ``FusedALIG(backend=name)`` and ``"auto"`` then see it."""
+    global BACKENDS
+    REGISTRY[backend.name] = backend
+    BACKENDS = tuple(REGISTRY)
+    _loaded.pop(backend.name, None)
+    _errors.pop(backend.name, None)
+    return backend
 
 
 def load(name: str) -> Callable | None:
@@ -52,7 +83,7 @@ def load(name: str) -> Callable | None:
     if name in _errors:
         return None
     try:
-        _loaded[name] = _LOADERS[name]()
+        _loaded[name] = REGISTRY[name].load()
     except Exception as exc:  # ImportError, OSError from a bad .so, a failed build ...
         _errors[name] = f"{type(exc).__name__}: {exc}"
         return None
@@ -69,47 +100,43 @@ def triton_interpreting() -> bool:
 
 def supports(name: str, device: torch.device) -> tuple[bool, str]:
     """Can backend ``name`` run on ``device``? (ok, reason when not)."""
-    if name == "torch":
-        return True, ""
+    backend = REGISTRY.get(name)
+    if backend is None:
+        return False, f"unknown backend {name!r}"
+    if backend.takes(device) == frozenset():
+        return False, f"backend {name!r} has no kernels for {device.type} tensors"
     if load(name) is None:
         return False, f"backend {name!r} failed to load: {why_unavailable(name)}"
-    if name == "triton":
-        if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
-            return True, ""
-        return False, (
-            f"backend 'triton' runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1), "
-            f"not on {device.type}"
-        )
-    if name == "cpp":
-        from .cpp_ops import has_device
+    problem = backend.device_problem(device)
+    return (False, problem) if problem else (True, "")
 
-        if has_device(device.type):
-            return True, ""
-        return False, f"the compiled extension has no {device.type} kernels (built without it)"
-    return False, f"unknown backend {name!r}"
+
+def _odd_dtypes(takes: frozenset | None, dtypes: frozenset) -> list[torch.dtype]:
+    return [] if takes is None else sorted((d for d in dtypes if d not in takes), key=str)
+
+
+def _dtype_names(dtypes: frozenset) -> str:
+    return ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
 
 
 def pick(requested: str, device: torch.device, dtypes: frozenset = frozenset()) -> str:
     """Resolve ``"auto"`` (or check a named backend) for parameters on ``device``."""
-    odd_dtypes = sorted(str(d) for d in dtypes if d not in KERNEL_DTYPES)
     if requested != "auto":
         ok, reason = supports(requested, device)
         if not ok:
             raise BackendUnavailableError(reason)
-        if odd_dtypes and requested != "torch":
+        odd = _odd_dtypes(REGISTRY[requested].takes(device), dtypes)
+        if odd:
             raise TypeError(
-                f"backend {requested!r} supports float32, bfloat16 and float16 parameters, got {', '.join(odd_dtypes)} "
-                "(backend='torch' takes any floating dtype)"
+                f"backend {requested!r} supports {_dtype_names(REGISTRY[requested].takes(device))} parameters on "
+                f"{device.type}, got {', '.join(map(str, odd))} (backend='torch' takes any floating dtype)"
             )
         return requested
-    if odd_dtypes:
-        return "torch"
-    # GPU: Triton first, then the CUDA extension; CPU: the C++ extension. torch always works.
-    order = ("triton", "cpp") if device.type == "cuda" else ("cpp",)
-    for name in order:
-        if supports(name, device)[0]:
+    ranked = sorted((b.rank(device), b.name) for b in REGISTRY.values() if b.rank(device) is not None)
+    for _, name in ranked:
+        if not _odd_dtypes(REGISTRY[name].auto_takes(device), dtypes) and supports(name, device)[0]:
             return name
-    return "torch"
+    raise BackendUnavailableError(f"no registered backend runs on {device.type} with {sorted(map(str, dtypes))}")
 
 
 def layout_problem(name: str, param: torch.Tensor, grad: torch.Tensor, buffer: torch.Tensor | None = None) -> str:
@@ -117,13 +144,14 @@ def layout_problem(name: str, param: torch.Tensor, grad: torch.Tensor, buffer: t
 
     The kernels walk memory as flat arrays: ``triton`` and ``cpp`` take dense tensors, the
     gradient and momentum buffer in their parameter's layout (all contiguous, or all with
-    the same strides, e.g. channels_last); ``torch`` takes any. The rule is
+    the same strides, e.g. channels_last): the backends registered with ``flat_memory``;
+    ``torch`` takes any. The rule is
     csrc/alig_ops.cpp's ``check_layout`` (and the Triton table builder's), written before
     any state is created so that a rejected step creates none.
     """
     tensors = (("the parameter", param), ("its gradient", grad), ("its momentum buffer", buffer))
-    if name in ("triton", "cpp"):
-        if not _dense(param):
+    if REGISTRY[name].flat_memory:
+        if not is_dense(param):
             return (f"the parameter is not dense (strides {param.stride()}); backend {name!r} walks a tensor's memory "
                     "as one flat array (make it contiguous, or use backend='torch')")
         fix = (f"backend {name!r} needs a gradient and momentum buffer in their parameter's memory layout "
@@ -133,14 +161,16 @@ def layout_problem(name: str, param: torch.Tensor, grad: torch.Tensor, buffer: t
                 continue
             if t.is_contiguous() and not param.is_contiguous():
                 return f"{what} is contiguous (strides {t.stride()}) but the parameter is not (strides {param.stride()}); {fix}"
-            if not t.is_contiguous() and (t.stride() != param.stride() or not _dense(t)):
+            if not t.is_contiguous() and (t.stride() != param.stride() or not is_dense(t)):
                 return (f"{what} is not contiguous (strides {t.stride()}) and the parameter has other strides "
                         f"({param.stride()}); {fix}")
     return ""
 
 
-def _dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill one block of memory, in any dimension order."""
+def is_dense(t: torch.Tensor) -> bool:
+    """Are ``t``'s elements one gap-free span of memory, from ``data_ptr()`` on? (contiguous,
+    channels_last, any permutation of a contiguous tensor: strides are never negative in
+    torch, so element 0 is the lowest address.) The rule of every ``flat_memory`` backend."""
     if t.numel() == 0:
         return True
     expected = 1
@@ -166,3 +196,51 @@ def available_backends(device: torch.device | str = "cpu") -> dict[str, str]:
         ok, reason = supports(name, device)
         status[name] = "ok" if ok else reason
     return status
+
+
+# ---- the three backends ---------------------------------------------------------------
+
+
+def _load_torch() -> Callable:
+    from .functional import torch_alig
+
+    return torch_alig
+
+
+def _load_triton() -> Callable:
+    from .triton_kernels import triton_alig  # noqa: WPS433 (imports triton)
+
+    return triton_alig
+
+
+def _triton_device_problem(device: torch.device) -> str:
+    if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+        return ""
+    return f"backend 'triton' runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1), not on {device.type}"
+
+
+def _load_cpp() -> Callable:
+    from .cpp_ops import cpp_alig  # noqa: WPS433 (loads the compiled extension)
+
+    return cpp_alig
+
+
+def _cpp_device_problem(device: torch.device) -> str:
+    from .cpp_ops import has_device
+
+    return "" if has_device(device.type) else f"the compiled extension has no {device.type} kernels (built without it)"
+
+
+_KERNEL = frozenset(KERNEL_DTYPES)
+# torch: any device, any floating dtype; the last resort of "auto" everywhere.
+register(Backend("torch", _load_torch, dtypes=None, auto_rank={ANY_DEVICE: 100}))
+# GPU: Triton first, then the CUDA extension. On CPU Triton only runs interpreted (slow, by name).
+register(Backend("triton", _load_triton, dtypes={"cuda": _KERNEL, "cpu": _KERNEL}, auto_rank={"cuda": 0},
+                 device_problem=_triton_device_problem, flat_memory=True))
+# The C++ CPU kernels take float64 storage by name, with their math in fp32: over
+# tests/test_cpp.py's 50-step problems 0.6-2.3e-7 from the float64 reference, where the
+# torch path (float64 math) is 3e-13-2e-8 off; so "auto" keeps float64 models on torch.
+# The CUDA kernel compiles a float64 path that no test has run yet: not offered on CUDA.
+register(Backend("cpp", _load_cpp, dtypes={"cpu": _KERNEL | {torch.float64}, "cuda": _KERNEL},
+                 auto_rank={"cuda": 1, "cpu": 0}, auto_dtypes={"cpu": _KERNEL, "cuda": _KERNEL},
+                 device_problem=_cpp_device_problem, flat_memory=True))

@@ -27,8 +27,15 @@ class AliG(FusedALIG):
 
     The reference's signature and argument order on top of :class:`FusedALIG`
     (``backend="auto"``). ``step_size`` is the mean step size over the groups, as in the
-    reference, but as a device tensor.
+    reference, and ``step_size_unclipped`` the Polyak step before the cap
+    (``loss / (||g||^2 + eps)``), both as 0-dim device tensors (the reference's are floats,
+    read on the host each step; ``float()`` them where you log, or read
+    :meth:`~FusedALIG.history` every N steps to avoid the sync). None before the first step.
+    Keeping ``step_size_unclipped`` costs one extra read of the gradients per step (their
+    norm: the fused kernels do not export ||g||^2).
     """
+
+    _wants_diagnostics = True
 
     def __init__(
         self,
@@ -52,6 +59,11 @@ class AliG(FusedALIG):
     def step_size(self) -> Tensor | None:
         sizes = [g["step_size"] for g in self.param_groups if isinstance(g.get("step_size"), Tensor)]
         return torch.stack(sizes).mean() if sizes else None
+
+    @property
+    def step_size_unclipped(self) -> Tensor | None:
+        unclipped = getattr(self, "_last_diagnostics", {}).get("step_size_unclipped")
+        return None if unclipped is None else unclipped[0]  # the same for every group (f_star = 0, c = 1)
 
 
 @torch.no_grad()

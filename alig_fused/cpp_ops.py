@@ -1,6 +1,7 @@
 """The C++/CUDA backend: the compiled ops ``torch.ops.alig_fused.alig_step_`` (and its two
-halves for sharded parameters, ``alig_sums`` and ``alig_update_``; csrc/), their fake
-kernels, and ``cpp_alig`` with the signature of ``functional.torch_alig``.
+halves for sharded parameters, ``alig_sums`` and ``alig_update_``, and FusedMoMo's pass-2-only
+``alig_apply_``, CPU only; csrc/), their fake kernels, and ``cpp_alig`` with the signature of
+``functional.torch_alig``.
 
 Importing this module loads the extension (_cpp_loader.py): the prebuilt one if it was
 built for this torch, else a just-in-time build; ExtensionUnavailable (an ImportError)
@@ -37,6 +38,11 @@ def _alig_sums_fake(params, grads, momentum_buffers, group_index, hparams, grad_
 def _alig_update_fake(
     params, grads, momentum_buffers, group_index, hparams, sums, loss, step_size, skipped_steps, grad_scale, found_inf
 ) -> None:
+    return None
+
+
+@torch.library.register_fake("alig_fused::alig_apply_")
+def _alig_apply_fake(params, grads, momentum_buffers, group_index, coefs, skip, grad_scale) -> None:
     return None
 
 

@@ -1,6 +1,6 @@
 """The ALI-G step: one math definition, several implementations with one signature.
 
-Every backend performs the plan of DESIGN.md:
+Every backend performs the plan of docs/design.md §3:
 
     pass 1   per-group sums  (||g||^2 always; ||w||^2, ||b||^2, <w,b>, <w,g>, <b,g> for
              groups with a max_norm), gradients unscaled by ``inv_scale``
@@ -217,26 +217,8 @@ def torch_alig(
             sums[k, Sum.GG] = _sq_sum(g_norms)
             continue
         w = [params[i] for i in idx]
-        momentum = group_hparams[k].momentum > 0
-        b = [momentum_buffers[i] for i in idx] if momentum else None
-        norms: dict[int, list[Tensor]] = {col: [] for col in range(Sum.COUNT)}
-        for w_part, g_part, *b_part in _batches(w, g, *([b] if momentum else [])):
-            g32, w32 = _unscaled32(g_part, inv_scale), _as_float32(w_part)
-            norms[Sum.GG] += torch._foreach_norm(g32)
-            norms[Sum.WW] += torch._foreach_norm(w32)
-            _add_dot_norms(norms, Sum.WG, w32, g32)
-            if momentum:
-                b32 = _as_float32(b_part[0])
-                norms[Sum.BB] += torch._foreach_norm(b32)
-                _add_dot_norms(norms, Sum.WB, w32, b32)
-                _add_dot_norms(norms, Sum.BG, b32, g32)
-        for col in (Sum.GG, Sum.WW, Sum.BB):
-            if norms[col]:
-                sums[k, col] = _sq_sum(norms[col])
-        for col in (Sum.WG, Sum.WB, Sum.BG):
-            if norms[col]:
-                plus, minus = norms[col][0::2], norms[col][1::2]
-                sums[k, col] = (_sq_sum(plus) - _sq_sum(minus)) / 4
+        b = [momentum_buffers[i] for i in idx] if group_hparams[k].momentum > 0 else None
+        group_sums_into(sums[k], w, g, b, inv_scale)
     if reduce_sums is not None:
         sums, loss = reduce_sums(sums, loss)
 
@@ -330,6 +312,29 @@ def _batches(*lists: list[Tensor]):
             size += piece[0].numel()
     if batch:
         yield tuple(list(col) for col in zip(*batch))
+
+
+def group_sums_into(row: Tensor, w: list[Tensor], g: list[Tensor], b: list[Tensor] | None, inv_scale: Tensor | None) -> None:
+    """All six pass-1 sums of one group into ``row`` ([Sum.COUNT] float64), a batch at a time
+    (b None: no buffer, BB = WB = BG = 0). Also FusedMoMo's torch pass 1 (momo.py)."""
+    norms: dict[int, list[Tensor]] = {col: [] for col in range(Sum.COUNT)}
+    for w_part, g_part, *b_part in _batches(w, g, *([b] if b is not None else [])):
+        g32, w32 = _unscaled32(g_part, inv_scale), _as_float32(w_part)
+        norms[Sum.GG] += torch._foreach_norm(g32)
+        norms[Sum.WW] += torch._foreach_norm(w32)
+        _add_dot_norms(norms, Sum.WG, w32, g32)
+        if b is not None:
+            b32 = _as_float32(b_part[0])
+            norms[Sum.BB] += torch._foreach_norm(b32)
+            _add_dot_norms(norms, Sum.WB, w32, b32)
+            _add_dot_norms(norms, Sum.BG, b32, g32)
+    for col in (Sum.GG, Sum.WW, Sum.BB):
+        if norms[col]:
+            row[col] = _sq_sum(norms[col])
+    for col in (Sum.WG, Sum.WB, Sum.BG):
+        if norms[col]:
+            plus, minus = norms[col][0::2], norms[col][1::2]
+            row[col] = (_sq_sum(plus) - _sq_sum(minus)) / 4
 
 
 def _unscaled32(grads: list[Tensor], inv_scale: Tensor | None) -> list[Tensor]:

@@ -13,13 +13,12 @@ parameters live on a GPU. Backends of the update (``backend=``):
   synchronisation step and 0 otherwise (no branch, capturable); on the CPU the counter is
   host memory and reading it costs nothing, so the update only runs on synchronisation steps.
 - ``"auto"``: triton for CUDA tensors it can address (one device; float32, bfloat16,
-  float16; contiguous) when triton imports, else torch.
+  float16; dense) when triton imports, else torch.
 """
 
 from __future__ import annotations
 
 import numbers
-from collections import defaultdict
 from typing import Any, Callable
 
 import torch
@@ -73,18 +72,14 @@ class Lookahead(Optimizer):
         _check_k_alpha(k, alpha)
         if isinstance(optimizer, Lookahead):
             raise TypeError("Lookahead wraps the inner optimizer, not another Lookahead")
+        # Optimizer.__init__ gives the wrapper what every torch optimizer has (the hook dicts,
+        # ``state``, the profiled and hooked ``step``), whatever the torch version. It runs
+        # before ``self.optimizer`` is set, so the groups it would build go nowhere (the
+        # setter and add_param_group below): the groups are the inner optimizer's.
+        super().__init__(optimizer.param_groups, optimizer.defaults)
         self.optimizer = optimizer
         self.k = k
         self.alpha = float(alpha)
-        # Optimizer.__init__ is not called: groups and defaults are the inner optimizer's.
-        self.defaults = optimizer.defaults
-        self.state: defaultdict = defaultdict(dict)  # slow weights, keyed by parameter
-        self._optimizer_step_pre_hooks = {}
-        self._optimizer_step_post_hooks = {}
-        self._optimizer_state_dict_pre_hooks = {}
-        self._optimizer_state_dict_post_hooks = {}
-        self._optimizer_load_state_dict_pre_hooks = {}
-        self._optimizer_load_state_dict_post_hooks = {}
         self._lookahead_step: Tensor | None = None
         self.backend = backend
         self.last_backend: str | None = None  # the backend of the last update
@@ -100,7 +95,8 @@ class Lookahead(Optimizer):
 
     @param_groups.setter
     def param_groups(self, value: list[dict]) -> None:
-        self.optimizer.param_groups = value
+        if "optimizer" in self.__dict__:  # not during Optimizer.__init__ (see __init__)
+            self.optimizer.param_groups = value
 
     @property
     def _step_supports_amp_scaling(self) -> bool:  # type: ignore[override]
@@ -176,10 +172,14 @@ class Lookahead(Optimizer):
             slow = self.state.get(p, {}).get("slow_param", p)  # a missing one is made as a clone of p
             if p.dtype not in backends.KERNEL_DTYPES:
                 return f"parameter {i} is {p.dtype}; the Triton kernel takes float32, bfloat16 and float16 parameters"
-            for what, t in (("parameter", p), ("slow weight", slow)):
-                if not t.is_contiguous():
-                    return (f"the {what} of parameter {i} (shape {tuple(p.shape)}) is not contiguous (strides "
-                            f"{t.stride()}); the Triton kernel addresses tensors as flat arrays")
+            # The kernel's rule (triton_kernels' layout check): dense, the slow weight laid out as
+            # its parameter (a clone keeps a dense tensor's strides).
+            if not backends.is_dense(p):
+                return (f"parameter {i} (shape {tuple(p.shape)}, strides {p.stride()}) is not contiguous nor dense "
+                        "(a view with gaps); the Triton kernel addresses tensors as flat spans of memory")
+            if slow is not p and slow.stride() != p.stride():
+                return (f"the slow weight of parameter {i} has strides {slow.stride()}, its parameter {p.stride()}; "
+                        "the Triton kernel needs them laid out alike")
         return ""
 
     def _sync_slow_weights(self, backend: str | None = None) -> None:
@@ -256,6 +256,8 @@ class Lookahead(Optimizer):
             self.state[p]["slow_param"] = slow.detach().to(device=p.device, dtype=p.dtype).clone()
 
     def add_param_group(self, param_group: dict) -> None:
+        if "optimizer" not in self.__dict__:  # Optimizer.__init__ offering the inner's own groups
+            return
         self.optimizer.add_param_group(param_group)
         for p in self.optimizer.param_groups[-1]["params"]:
             self.state[p]["slow_param"] = p.detach().clone()

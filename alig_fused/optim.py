@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends, distributed
-from .functional import GroupHParams
+from .functional import GroupHParams, hparams_table
 
 __all__ = ["FusedALIG"]
 
@@ -114,6 +114,13 @@ class FusedALIG(Optimizer):
             scaling=scaling,
         )
         _check_hparams(defaults, where="defaults", read_device_lr=True)
+        self._init_common(params, defaults, backend, projection_fn, process_group, average_loss)
+        self._project_at_start()
+        if projection_fn is not None:
+            projection_fn()
+
+    def _init_common(self, params, defaults, backend, projection_fn, process_group, average_loss) -> None:
+        """What FusedALIG and FusedMoMo share once their defaults are checked."""
         self.backend = backend
         self.projection_fn = projection_fn
         self.process_group = process_group
@@ -129,9 +136,8 @@ class FusedALIG(Optimizer):
         self._loss_pending = False
         self._warned_no_grad = False
         self.last_backend: str | None = None  # the backend of the last step
-        self._project_at_start()
-        if projection_fn is not None:
-            projection_fn()
+        self._history: Tensor | None = None  # enable_history's ring buffer [N, width]
+        self._history_row: Tensor | None = None  # int64 0-dim: the next row written
 
     def __setattr__(self, name: str, value: Any) -> None:
         # torch's LRScheduler wraps opt.step (marking the wrapper _wrapped_by_lr_sched) right
@@ -175,7 +181,7 @@ class FusedALIG(Optimizer):
                 params = param_group["params"] = list(params)  # a generator can be read once
             where = f"param group {len(self.param_groups)}"
             self._check_new_params([params] if isinstance(params, Tensor) else params, where)
-            _check_hparams({**self.defaults, **param_group}, where=where, read_device_lr=True)
+            self._check_group({**self.defaults, **param_group}, where=where, read_device_lr=True)
         super().add_param_group(param_group)
         self.param_groups[-1].setdefault("step_size", None)
         self._plan = None
@@ -255,7 +261,7 @@ class FusedALIG(Optimizer):
             saved = dict(saved)
             if "lr" not in saved and "max_lr" in saved:  # a state_dict of the reference AliG
                 saved["lr"] = saved.pop("max_lr")
-            _check_hparams({**self.defaults, **saved}, where=f"loaded param group {k}", read_device_lr=True)
+            self._check_group({**self.defaults, **saved}, where=f"loaded param group {k}", read_device_lr=True)
             groups.append(saved)
         return groups
 
@@ -267,10 +273,10 @@ class FusedALIG(Optimizer):
         for saved, group in zip(state_dict["param_groups"], self.param_groups):
             for key, p in zip(saved["params"], group["params"]):
                 entry = state.get(key) if isinstance(key, Hashable) else None
-                buffer = entry.get("momentum_buffer") if isinstance(entry, Mapping) else None
+                buffer = entry.get(self._buffer_key) if isinstance(entry, Mapping) else None
                 if buffer is None:  # none saved (the step creates it), as torch's SGD saves it
                     continue
-                where = f"state_dict: the momentum_buffer of parameter {key!r}"
+                where = f"state_dict: the {self._buffer_key} of parameter {key!r}"
                 if not isinstance(buffer, Tensor) or buffer.is_complex() or not buffer.is_floating_point():
                     kind = buffer.dtype if isinstance(buffer, Tensor) else type(buffer).__name__
                     raise TypeError(f"{where} must be a real floating-point tensor, got {kind}")
@@ -331,8 +337,8 @@ class FusedALIG(Optimizer):
 
         group_hparams = []
         for k, group in enumerate(self.param_groups):
-            _check_hparams(group, where=f"param group {k}")
-            group_hparams.append(_group_hparams(group))
+            self._check_group(group, where=f"param group {k}")
+            group_hparams.append(self._group_hparams(group))
         plan = self._plan
         grads = None
         if plan is not None and plan.key == self._plan_key(group_hparams):
@@ -359,7 +365,7 @@ class FusedALIG(Optimizer):
         if plan.missing_buffers:
             for i in plan.missing_buffers:
                 p = params[i]
-                buffers[i] = self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                buffers[i] = self.state[p][self._buffer_key] = torch.zeros_like(p, memory_format=torch.preserve_format)
             plan.missing_buffers = []
         if plan is not self._plan:
             plan.key = self._plan_key(group_hparams)  # after the buffers: len(state) is in it
@@ -377,24 +383,138 @@ class FusedALIG(Optimizer):
         step_sizes = self._step_size_tensor(device)
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        backends.get(backend)(
-            params,
-            grads,
-            buffers,
-            group_index,
-            group_hparams,
-            loss_t,
-            step_sizes,
-            self.skipped_steps,
-            grad_scale,
-            found_inf,
-            self._cache.setdefault(backend, {}),
-            reduce_sums,
+        self._run_backend(
+            backend, params, grads, buffers, group_index, group_hparams, loss_t, step_sizes, grad_scale, found_inf, reduce_sums
         )
         self.last_backend = backend
         if self.projection_fn is not None:
             self.projection_fn()
         return returned
+
+    _buffer_key = "momentum_buffer"  # the per-tensor state pass 2 reads and writes
+
+    def _check_group(self, group: dict, where: str, read_device_lr: bool = False) -> None:
+        _check_hparams(group, where=where, read_device_lr=read_device_lr)
+
+    def _group_hparams(self, group: dict) -> GroupHParams:
+        return _group_hparams(group)
+
+    def _run_backend(
+        self, backend, params, grads, buffers, group_index, group_hparams, loss, step_sizes, grad_scale, found_inf,
+        reduce_sums,
+    ) -> None:
+        cache = self._cache.setdefault(backend, {})
+        if self._history is None and not self._wants_diagnostics:
+            backends.get(backend)(
+                params, grads, buffers, group_index, group_hparams, loss, step_sizes, self.skipped_steps,
+                grad_scale, found_inf, cache, reduce_sums,
+            )
+            return
+        # Diagnostics: G and the unclipped step are not exported by every backend's fused
+        # finalize, so they are recomputed from the loss and G on the device; G comes from
+        # pass-1-equivalent foreach norms of the unscaled gradients (one read of g).
+        skipped_before = self.skipped_steps.clone()
+        backends.get(backend)(
+            params, grads, buffers, group_index, group_hparams, loss, step_sizes, self.skipped_steps,
+            grad_scale, found_inf, cache, reduce_sums,
+        )
+        grad_sq_norm = _grad_sq_norm(grads, grad_scale)
+        if reduce_sums is not None:  # sharded: local shards' ||g||^2 and the local loss (a second small all-reduce)
+            grad_sq_norm, loss = reduce_sums(grad_sq_norm.reshape(1), loss)
+            grad_sq_norm = grad_sq_norm.reshape(())
+        hparams = hparams_table(group_hparams, loss.device, cache)
+        from .functional import HParam
+
+        skipped = self.skipped_steps != skipped_before
+        lr = hparams[:, HParam.LR]
+        polyak = (loss.to(torch.float64) - hparams[:, HParam.F_STAR]).clamp(min=0) / (
+            hparams[:, HParam.SCALING] * grad_sq_norm + hparams[:, HParam.EPS]
+        )
+        polyak = torch.where(skipped, 0.0, polyak)
+        self._record(step_sizes.to(torch.float64), polyak, (polyak > lr) & ~skipped, grad_sq_norm, loss, skipped)
+
+    _wants_diagnostics = False
+
+    # -- diagnostics without a sync ------------------------------------------------------
+
+    def diagnostics(self) -> dict[str, Tensor]:
+        """The last step's numbers as device tensors (no sync): ``step_size`` [n_groups],
+        ``step_size_unclipped`` [n_groups] (the Polyak step before the cap), ``capped``
+        [n_groups] bool, ``grad_sq_norm`` and ``loss`` (0-dim), ``skipped`` (0-dim bool);
+        FusedMoMo adds ``lb`` and ``f_bar``. On FusedALIG they are off until the first call
+        (which returns ``{}`` unless ``enable_history`` turned them on): from the next step on
+        a step also takes ||g||^2 with foreach norms (one more read of the gradients, as the
+        fused finalizes do not export it) and a few small device ops. FusedMoMo and the
+        drop-in AliG keep them from the first step.
+        """
+        self._wants_diagnostics = True
+        return dict(getattr(self, "_last_diagnostics", {}))
+
+    def enable_history(self, n: int) -> None:
+        """Keep the last ``n`` steps' diagnostics in a device ring buffer (``history()``):
+        a logger reads the window with one transfer every ``n`` steps instead of a sync per step."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"enable_history needs a positive int, got {n!r}")
+        self._wants_diagnostics = True
+        self._history_size = n
+        self._history = None  # made at the next step, on the parameters' device
+        self._history_enabled = True
+
+    def history(self) -> dict[str, Tensor]:
+        """The ring buffer, oldest row first: {name: tensor [rows, ...]}, with ``step`` the
+        index of each row's step (rows not yet written are absent). Still device tensors:
+        move them to the host once (``{k: v.cpu() ...}``), every ``n`` steps."""
+        if self._history is None:
+            return {}
+        n = self._history.shape[0]
+        row = self._history_row
+        order = (torch.arange(n, device=row.device) + row) % n
+        window = self._history.index_select(0, order)
+        written = window[:, 0] >= 0
+        out = {"step": window[:, 0].to(torch.int64)}
+        n_groups = len(self.param_groups)
+        columns = self._diagnostic_columns(n_groups)
+        for name, (start, width) in columns.items():
+            value = window[:, start : start + width]
+            per_group = name in ("step_size", "step_size_unclipped", "capped")
+            out[name] = value if width > 1 or per_group else value[:, 0]
+        out["written"] = written
+        return out
+
+    def _diagnostic_columns(self, n_groups: int) -> dict[str, tuple[int, int]]:
+        names = [("step_size", n_groups), ("step_size_unclipped", n_groups), ("capped", n_groups),
+                 ("grad_sq_norm", 1), ("loss", 1), ("skipped", 1)] + [(k, 1) for k in self._extra_diagnostics]
+        columns, start = {}, 1
+        for name, width in names:
+            columns[name] = (start, width)
+            start += width
+        return columns
+
+    _extra_diagnostics: tuple[str, ...] = ()
+
+    def _record(self, step_size, unclipped, capped, grad_sq_norm, loss, skipped, **extra) -> None:
+        """Keep the step's diagnostics (device tensors) and, with a history, write one row."""
+        values = dict(
+            step_size=step_size, step_size_unclipped=unclipped, capped=capped, grad_sq_norm=grad_sq_norm.reshape(()),
+            loss=loss.reshape(()).to(torch.float64), skipped=skipped.reshape(()),
+        )
+        values.update({k: v.reshape(()) for k, v in extra.items()})
+        self._last_diagnostics = values
+        if not getattr(self, "_history_enabled", False):
+            return
+        n_groups = step_size.shape[0]
+        columns = self._diagnostic_columns(n_groups)
+        width = 1 + sum(w for _, w in columns.values())
+        device = step_size.device
+        if self._history is None or self._history.shape[1] != width or self._history.device != device:
+            self._history = torch.full((self._history_size, width), -1.0, dtype=torch.float64, device=device)
+            self._history_row = torch.zeros((), dtype=torch.int64, device=device)
+            self._history_step = torch.zeros((), dtype=torch.int64, device=device)
+        row = torch.cat([self._history_step.to(torch.float64).reshape(1)]
+                        + [values[name].to(torch.float64).reshape(-1) for name in columns])
+        self._history.index_copy_(0, self._history_row.reshape(1), row.reshape(1, -1))
+        self._history_row.copy_((self._history_row + 1) % self._history.shape[0])
+        self._history_step.add_(1)
 
     # -- the step plan: the flat tensor lists, rebuilt only when they may have changed ----
 
@@ -429,7 +549,7 @@ class FusedALIG(Optimizer):
                 devices.add(p.device)  # autograd keeps each grad on its parameter's device
                 dtypes.add(p.dtype)
                 if has_momentum:
-                    buffer = state.get(p, {}).get("momentum_buffer")  # .get: no defaultdict entry
+                    buffer = state.get(p, {}).get(self._buffer_key)  # .get: no defaultdict entry
                     if buffer is None:
                         missing_buffers.append(len(buffers))
                     buffers.append(buffer)
@@ -512,6 +632,11 @@ class _StepPlan:
 
     def current_grads(self) -> list[Tensor] | None:
         """This step's gradients, or None when the plan no longer describes them."""
+        if torch.compiler.is_compiling():  # dynamo cannot trace attrgetter; tracing runs once
+            grads = [p.grad for p in self.params]
+            if any(g is None or g.is_sparse for g in grads) or any(p.grad is not None for p in self.without_grad):
+                return None
+            return grads
         # C-level passes (map over attribute getters): the Triton path's host time per step
         # must stay below torch's own per-step grouping (bench/host_cost.py).
         grads = list(map(_grad_of, self.params))
@@ -550,6 +675,15 @@ def _group_hparams(group: dict) -> GroupHParams:
         f_star=float(group["f_star"]),
         scaling=float(group["scaling"]),
     )
+
+
+def _grad_sq_norm(grads: list[Tensor], grad_scale: Tensor | None) -> Tensor:
+    """||g||^2 of the unscaled gradients, in float64 on the device (no sync)."""
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
+    total = torch.stack(norms).square().sum()
+    if grad_scale is not None:
+        total = total / grad_scale.to(torch.float64).reshape(()).square()
+    return total
 
 
 def _number(value: Any, name: str, where: str) -> float:

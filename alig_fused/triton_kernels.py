@@ -12,17 +12,7 @@ Launches (one grid each, however many tensors the model has):
               device memory; w' = (w + a*b - c*g) * scale, b' = mu*b - d*g; on a skipped
               step it writes nothing
 
-Table layout (apex's multi-tensor-apply chunk list, in one int64 device tensor ``meta``,
-built on the host and cached while the tensors do not change)::
-
-    meta[0:8]                 header: n_chunks, n_groups, offset of the group rows, CHUNK, 0...
-    meta[8 + 8*i : 16 + 8*i]  chunk i: address of its first element in w, in g, in b;
-                              element count (<= CHUNK); group; dtype code (0 fp32, 1 bf16,
-                              2 fp16); has_buffer; full (count == CHUNK and the three
-                              addresses 16-byte aligned: the unmasked, vectorized path)
-    group rows, 2 each        group k owns chunks [first, end): chunks are ordered by group,
-                              so the finalize adds each group's partial sums in a fixed order
-
+The chunk table (its layout: ``triton_tables``) lists every chunk of every tensor.
 Addresses are ``data_ptr()``s cast to pointers in the kernels; the dtype code picks the
 pointer type at run time (a uniform branch per program), so a model mixing fp32, bf16 and
 fp16 tensors still takes three launches. w, g and b of one tensor share its dtype; the
@@ -83,6 +73,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+from . import triton_tables
 from .functional import Coef, GroupHParams, HParam, ReduceSums, Sum, hparams_table
 
 __all__ = ["triton_alig", "launches", "KERNELS", "CHUNK", "BLOCK"]
@@ -116,9 +107,6 @@ FINALIZE_WARPS = 4
 # not measured (no GPU run yet).
 PASS1_UNROLL = 4
 
-_HEADER = 8
-_ROW = 8
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # finalize modes: the whole finalize; only the per-group sums; finish from given sums
 _FINALIZE, _GROUP_SUMS, _FROM_SUMS = 0, 1, 2
 
@@ -610,7 +598,7 @@ def _tables(params, grads, buffers, group_index, n_groups, device, cache) -> _Ta
     key = cache.get("tables_key")
     if (key is None or key[0] != (CHUNK, n_groups, device) or key[1] != addresses or key[2] != buffer_ids
             or key[3] != group_index):
-        if _capturing(device):
+        if triton_tables.capturing(device):
             raise RuntimeError(
                 "triton backend: the tensors or groups changed while a CUDA graph is being captured, so the "
                 "step would build new device tables inside the capture; run one eager step with these tensors "
@@ -623,49 +611,8 @@ def _tables(params, grads, buffers, group_index, n_groups, device, cache) -> _Ta
     else:
         rebuilt = False
     tables = cache["tables"]
-    _keep_alive(tables, device, cache, rebuilt)
+    triton_tables.keep_alive(tables, device, cache, rebuilt)
     return tables
-
-
-def _capturing(device: torch.device) -> bool:
-    """Is the current stream of ``device`` capturing a CUDA graph? (The tests replace it on CPU.)"""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _current_stream(device: torch.device):
-    return torch.cuda.current_stream(device) if device.type == "cuda" else None
-
-
-def _keep_alive(tables: NamedTuple, device: torch.device, cache: dict, rebuilt: bool) -> None:
-    """Keep ``tables``' device memory valid for every launch that uses it.
-
-    - A CUDA graph holds the tables' raw addresses for as long as it lives: tables used
-      during a capture are pinned in ``cache["captured"]`` (owned by the optimizer), so a
-      later rebuild (new gradient tensors, a new parameter) does not hand their memory
-      back to the caching allocator while the graph may still replay. They are never
-      rewritten either: a replay keeps updating the tensors it was captured with.
-    - A launch on another stream than the one the tables were allocated on: each tensor
-      is recorded on that stream (``record_stream``), so its block is not reused before
-      that stream's work is done.
-    """
-    if _capturing(device):
-        _pin(tables, cache)
-    if device.type != "cuda":
-        return
-    stream = _current_stream(device)
-    if rebuilt:
-        cache["table_streams"] = {stream}  # allocated on this one
-    elif stream not in cache["table_streams"]:
-        for t in tables:
-            if isinstance(t, Tensor):
-                t.record_stream(stream)
-        cache["table_streams"].add(stream)
-
-
-def _pin(tables: NamedTuple, cache: dict) -> None:
-    pinned = cache.setdefault("captured", [])
-    if not any(t is tables for t in pinned):
-        pinned.append(tables)
 
 
 def _build_tables(params, grads, buffers, group_index, n_groups, device, chunk) -> _Tables:
@@ -673,7 +620,7 @@ def _build_tables(params, grads, buffers, group_index, n_groups, device, chunk) 
         raise ValueError(f"CHUNK ({chunk}) must be a multiple of BLOCK ({BLOCK}), a power of two >= 16")
     tensors = []  # per tensor: w, g, b addresses, numel, group, dtype code, has_buffer, aligned, element size
     for i, (w, g, b, k) in enumerate(zip(params, grads, buffers, group_index)):
-        if w.dtype not in _DTYPE_CODES:
+        if w.dtype not in triton_tables.DTYPE_CODES:
             raise ValueError(
                 f"triton backend: tensor {i} is {w.dtype}; the Triton kernels take float32, bfloat16 and float16 "
                 "parameters (use backend='torch' for others)"
@@ -685,7 +632,7 @@ def _build_tables(params, grads, buffers, group_index, n_groups, device, chunk) 
         if has_buffer and (b.dtype != w.dtype or b.shape != w.shape):
             raise ValueError(f"triton backend: the momentum buffer of tensor {i} ({b.dtype}, {tuple(b.shape)}) does "
                              f"not match its parameter ({w.dtype}, {tuple(w.shape)})")
-        _check_layout(i, w, g, b if has_buffer else None, "triton backend", ("gradient", "momentum buffer"))
+        triton_tables.check_layout(i, w, g, b if has_buffer else None, "triton backend", ("gradient", "momentum buffer"))
         if not 0 <= k < n_groups:
             raise ValueError(f"triton backend: group_index[{i}] = {k}, but there are {n_groups} groups")
         for t in (w, g, b) if has_buffer else (w, g):
@@ -693,10 +640,10 @@ def _build_tables(params, grads, buffers, group_index, n_groups, device, chunk) 
                 raise ValueError(f"triton backend: tensor {i} is on {t.device}, the loss on {device}")
         addrs = (w.data_ptr(), g.data_ptr(), b.data_ptr() if has_buffer else g.data_ptr())
         aligned = all(addr % 16 == 0 for addr in addrs)
-        tensors.append([*addrs, w.numel(), k, _DTYPE_CODES[w.dtype], int(has_buffer), int(aligned), w.element_size()])
+        tensors.append([*addrs, w.numel(), k, triton_tables.DTYPE_CODES[w.dtype], int(has_buffer), int(aligned), w.element_size()])
 
-    host, n_chunks = _chunk_table(tensors, n_groups, chunk)
-    meta = _to_device(host, device)
+    host, n_chunks = triton_tables.chunk_table(tensors, n_groups, chunk)
+    meta = triton_tables.to_device(host, device)
     return _Tables(
         meta=meta,
         partial=torch.empty((max(n_chunks, 1), Sum.COUNT), dtype=torch.float32, device=device),
@@ -707,76 +654,6 @@ def _build_tables(params, grads, buffers, group_index, n_groups, device, chunk) 
         n_groups=n_groups,
         chunk=chunk,
     )
-
-
-def _dense(t: Tensor) -> bool:
-    """Are ``t``'s elements one gap-free span of memory, from ``data_ptr()`` on? (contiguous,
-    channels_last, any permutation of a contiguous tensor: strides are never negative in
-    torch, so element 0 is the lowest address.)"""
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _strides(t: Tensor) -> tuple:
-    return tuple(st for st, sz in zip(t.stride(), t.shape) if sz != 1)  # a size-1 dim's stride is arbitrary
-
-
-def _check_layout(i: int, w: Tensor, g: Tensor, b: Tensor | None, who: str, names: tuple[str, str]) -> None:
-    """The kernels address each tensor as the flat span of its memory, element k of w with
-    element k of g and b: w must be dense, g and b laid out as w (same strides)."""
-    if w.numel() == 0:
-        return
-    if not _dense(w):
-        raise ValueError(
-            f"{who}: the parameter of tensor {i} (shape {tuple(w.shape)}, strides {w.stride()}) is not contiguous "
-            "nor dense (a view with gaps); the Triton kernels address tensors as flat spans of memory (make it "
-            "contiguous, or use backend='torch')"
-        )
-    for name, t in zip(names, (g, b)):
-        if t is not None and _strides(t) != _strides(w):
-            raise ValueError(
-                f"{who}: the {name} of tensor {i} has strides {t.stride()}, its parameter {w.stride()}; the Triton "
-                "kernels need them laid out alike (contiguous, or the same dense layout such as channels_last), "
-                "or use backend='torch'"
-            )
-
-
-def _chunk_table(tensors: list[list[int]], n_groups: int, chunk: int) -> tuple[Tensor, int]:
-    """The host int64 table of the module docstring, and its number of chunks.
-
-    ``tensors``: one row per tensor, [w, g, b addresses, numel, group, dtype code,
-    has_buffer, aligned (the three addresses 16-byte aligned), element size]. Also the
-    table of ``triton_lookahead`` (w = fast, g = b = slow, one group).
-    """
-    # Chunk rows, tensors ordered by group (stable), so each group owns one range of chunks.
-    info = torch.tensor(tensors, dtype=torch.int64).reshape(len(tensors), 9)
-    info = info[torch.sort(info[:, 4], stable=True).indices]
-    numel, group, aligned, elsize = info[:, 3], info[:, 4], info[:, 7], info[:, 8]
-    counts = (numel + chunk - 1) // chunk
-    n_chunks = int(counts.sum())
-    tensor_of = torch.repeat_interleave(torch.arange(len(tensors)), counts)
-    start = (torch.arange(n_chunks) - (torch.cumsum(counts, 0) - counts)[tensor_of]) * chunk
-    rows = info[tensor_of, :8].clone()
-    rows[:, 0:3] += (start * elsize[tensor_of])[:, None]
-    rows[:, 3] = torch.clamp(numel[tensor_of] - start, max=chunk)
-    rows[:, 7] = ((rows[:, 3] == chunk) & (aligned[tensor_of] != 0)).to(torch.int64)
-    chunks_per_group = torch.zeros(n_groups, dtype=torch.int64).index_add_(0, group, counts)
-    group_end = torch.cumsum(chunks_per_group, 0)
-    group_rows = torch.stack([group_end - chunks_per_group, group_end], dim=1)
-    group_offset = _HEADER + _ROW * n_chunks
-    header = torch.tensor([n_chunks, n_groups, group_offset, chunk, 0, 0, 0, 0], dtype=torch.int64)
-    return torch.cat([header, rows.reshape(-1), group_rows.reshape(-1)]), n_chunks
-
-
-def _to_device(host: Tensor, device: torch.device) -> Tensor:
-    """A host table on ``device``, without a host sync on CUDA (pinned, non-blocking)."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
 
 # The kernels hard-code these layouts.

@@ -14,8 +14,8 @@ is read or written. On a synchronisation step the update moves 4 x N x bytes (re
 and slow, write both); the torch backend's masked lerp pair moves 6 x N x bytes on every
 step, in launches that grow with the number of tensors.
 
-Table: the chunk table of ``triton_kernels`` (its module docstring), built by the same
-helper, with w = fast, g = b = slow, one group and no buffer. Read here: the header's
+Table: the chunk table of ``triton_tables`` (its module docstring), built by the same
+helper as the ALI-G step's, with w = fast, g = b = slow, one group and no buffer. Read here: the header's
 n_chunks, and per chunk its fast and slow addresses, element count, dtype code (0 fp32,
 1 bf16, 2 fp16; one launch for a model mixing them) and ``full`` flag (a whole chunk, both
 addresses 16-byte aligned: the unmasked, vectorized path). Tensors must be dense, a slow
@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from . import triton_kernels as tk
+from . import triton_tables
 
 __all__ = ["triton_lookahead", "launches", "KERNELS", "CHUNK", "BLOCK"]
 
@@ -213,7 +214,7 @@ def _tables(fast, slow, device, cache) -> _Tables:
     slow_ids = list(map(id, slow))  # ids, not the tensors: == on tensors compares values
     key = cache.get("tables_key")
     if key is None or key[0] != (CHUNK, max_programs, device) or key[1] != addresses or key[2] != slow_ids:
-        if tk._capturing(device):
+        if triton_tables.capturing(device):
             raise RuntimeError(
                 "triton lookahead: the parameters or slow weights changed while a CUDA graph is being captured, "
                 "so the update would build a new device table inside the capture; run one eager step with these "
@@ -226,7 +227,7 @@ def _tables(fast, slow, device, cache) -> _Tables:
     else:
         rebuilt = False
     tables = cache["tables"]
-    tk._keep_alive(tables, device, cache, rebuilt)
+    triton_tables.keep_alive(tables, device, cache, rebuilt)
     return tables
 
 
@@ -235,7 +236,7 @@ def _build_tables(fast, slow, device, chunk, max_programs, tickets=None) -> _Tab
         raise ValueError(f"CHUNK ({chunk}) must be a multiple of BLOCK ({BLOCK}), a power of two >= 16")
     tensors = []  # per tensor, triton_kernels' row: w, g, b addresses, numel, group, dtype, has_buffer, aligned, size
     for i, (f, s) in enumerate(zip(fast, slow)):
-        if f.dtype not in tk._DTYPE_CODES:
+        if f.dtype not in triton_tables.DTYPE_CODES:
             raise ValueError(
                 f"triton lookahead: tensor {i} is {f.dtype}; the Triton kernel takes float32, bfloat16 and float16 "
                 "parameters (use backend='torch' for others)"
@@ -243,18 +244,18 @@ def _build_tables(fast, slow, device, chunk, max_programs, tickets=None) -> _Tab
         if s.dtype != f.dtype or s.shape != f.shape:
             raise ValueError(f"triton lookahead: the slow weight of tensor {i} ({s.dtype}, {tuple(s.shape)}) does "
                              f"not match its parameter ({f.dtype}, {tuple(f.shape)})")
-        tk._check_layout(i, f, s, None, "triton lookahead", ("slow weight", ""))
+        triton_tables.check_layout(i, f, s, None, "triton lookahead", ("slow weight", ""))
         for t in (f, s):
             if t.device != device:
                 raise ValueError(f"triton lookahead: tensor {i} is on {t.device}, the step counter on {device}")
         aligned = f.data_ptr() % 16 == 0 and s.data_ptr() % 16 == 0
-        tensors.append([f.data_ptr(), s.data_ptr(), s.data_ptr(), f.numel(), 0, tk._DTYPE_CODES[f.dtype], 0,
+        tensors.append([f.data_ptr(), s.data_ptr(), s.data_ptr(), f.numel(), 0, triton_tables.DTYPE_CODES[f.dtype], 0,
                         int(aligned), f.element_size()])
-    host, n_chunks = tk._chunk_table(tensors, 1, chunk)
+    host, n_chunks = triton_tables.chunk_table(tensors, 1, chunk)
     if tickets is None or tickets.device != device:
         tickets = torch.zeros((1,), dtype=torch.int32, device=device)
     return _Tables(
-        meta=tk._to_device(host, device),
+        meta=triton_tables.to_device(host, device),
         tickets=tickets,
         n_chunks=n_chunks,
         n_programs=max(1, min(n_chunks, max_programs)),

@@ -6,6 +6,8 @@ the parameters' dtype), used for the effective bandwidth of the report:
     ALI-G, momentum, no projection      6N  pass 1 reads g; pass 2 reads w, g, b, writes w, b
     ALI-G, momentum + projection        8N  pass 1 also reads w, b
     ALI-G, no momentum                  4N  (5N with projection): no buffer to read or write
+    MoMo (FusedMoMo)                    8N  pass 1 reads w, g, d (MoMo needs <w,d>, ||d||^2,
+                                            <d,g>, <w,g>); pass 2 reads w, g, d, writes w, d
     SGD with Nesterov momentum          5N  reads w, g, b; writes w, b
     Adam                                7N  reads w, g, m, v; writes w, m, v
     in-place add (w += g)               3N  reads w, g; writes w: the plain streaming kernel
@@ -127,7 +129,7 @@ class FusedStep:
 class Contender:
     key: str
     name: str
-    family: str  # "alig", "baseline" (SGD, Adam), "stream" (in-place add) or "copy"
+    family: str  # "alig", "momo" (FusedMoMo: not in the roofline), "baseline" (SGD, Adam), "stream" or "copy"
     build: Callable[[Workspace, Variant | None], Step]
     available: Callable[[torch.device], str]  # "ok" or why not
     fixed_transfers: int = 0  # baselines: per element; ALI-G: from the variant
@@ -157,6 +159,23 @@ def _fused(backend: str) -> Contender:
         return status
 
     return Contender(f"fused_{backend}", f"FusedALIG[{backend}]", "alig", build, available)
+
+
+def _fused_momo(backend: str) -> Contender:
+    def build(ws: Workspace, _: Variant | None) -> Step:
+        from alig_fused import FusedMoMo
+
+        return FusedStep(FusedMoMo(ws.params, lr=MAX_LR, beta=MOMENTUM, backend=backend), ws.loss)
+
+    def available(device: torch.device) -> str:
+        status = _fused(backend).available(device)
+        if status != "ok":
+            return status
+        import alig_fused
+
+        return "ok" if hasattr(alig_fused, "FusedMoMo") else "this alig_fused has no FusedMoMo"
+
+    return Contender(f"momo_{backend}", f"FusedMoMo[{backend}]", "momo", build, available, 8)
 
 
 def _build_reference(ws: Workspace, v: Variant) -> Step:
@@ -247,6 +266,9 @@ CONTENDERS: dict[str, Contender] = {
         _fused("torch"),
         _fused("cpp"),
         _fused("triton"),
+        _fused_momo("torch"),
+        _fused_momo("cpp"),
+        _fused_momo("triton"),
         Contender("ref_loop", "ALI-G reference loop", "alig", _build_reference, _reference_available),
         Contender("modern_loop", "ALI-G loop, today's calls", "alig", _build_modern_loop, _always),
         Contender("po_alig", "pytorch_optimizer.AliG", "alig", _build_pytorch_optimizer, _pytorch_optimizer_available),

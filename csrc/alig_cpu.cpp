@@ -498,12 +498,13 @@ struct ChunkPlan {
 };
 
 ChunkPlan plan_chunks(const StepArgs& args) {
-  const double* hp = args.hparams.const_data_ptr<double>();
+  // Without hparams (alig_apply_) a tensor's buffer, or its absence, is taken as given.
+  const double* hp = args.hparams.defined() ? args.hparams.const_data_ptr<double>() : nullptr;
   ChunkPlan plan;
   for (size_t i = 0; i < args.tensors.size(); ++i) {
     const TensorEntry& t = args.tensors[i];
     if (t.numel == 0) continue;
-    const double momentum = hp[t.group * hparam::kCount + hparam::kMomentum];
+    const double momentum = hp ? hp[t.group * hparam::kCount + hparam::kMomentum] : (t.buffer ? 1.0 : 0.0);
     TORCH_CHECK_VALUE((momentum > 0) == (t.buffer != nullptr), "alig_fused: momentum_buffers[", i, "] is ",
                       t.buffer ? "a buffer" : "empty", " but group ", t.group, " has momentum ", momentum,
                       " (a group without momentum passes an empty tensor, one with momentum a buffer)");
@@ -533,7 +534,7 @@ std::vector<double> sum_by_group(const StepArgs& args, const ChunkPlan& plan, co
 }
 
 // How a group's l2-ball projection gets ||w'||:
-// - kFromSums: DESIGN.md's analytic form from the pass-1 Gram sums (pass 1 also reads w
+// - kFromSums: the analytic form of docs/design.md §1, from the pass-1 Gram sums (pass 1 also reads w
 //   and b). alig_sums / alig_update_ use it: the sums are what sharded ranks all-reduce.
 // - kMeasured: pass 2 measures ||w'|| of the values it writes and a third pass scales w,
 //   only for groups the ball binds (as the torch path does). On a CPU reading is what
@@ -665,10 +666,36 @@ void alig_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList
                       Projection::kFromSums);
 }
 
+// Pass 2 alone, from given coefficients (FusedMoMo): the pass 2 of finalize_and_update.
+void alig_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                    c10::IntArrayRef group_index, const at::Tensor& coefs, const at::Tensor& skip,
+                    const std::optional<at::Tensor>& grad_scale) {
+  TORCH_CHECK_VALUE(coefs.dim() == 2, "alig_fused: coefs must be a [n_groups, ", coef::kCount, "] tensor");
+  const StepArgs args =
+      check_tensor_lists(params, grads, momentum_buffers, group_index, coefs, grad_scale, c10::DeviceType::CPU);
+  check_apply_tables(args, coefs, skip);
+  if (*skip.const_data_ptr<bool>()) return;  // a non-finite g must not reach memory
+  const ChunkPlan plan = plan_chunks(args);
+  const float inv_scale = inv_scale_of(args);
+  const float* coef_rows = coefs.const_data_ptr<float>();
+  for_each_chunk(plan.work_prefix, plan.total_elements, [&](int64_t c) {
+    const Chunk& chunk = plan.chunks[c];
+    const TensorEntry& t = args.tensors[chunk.tensor];
+    const UpdateCoefs k = load_coefs(coef_rows + t.group * coef::kCount);
+    dispatch_dtype(t.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      chunk_update<T>(static_cast<T*>(t.param) + chunk.begin, static_cast<const T*>(t.grad) + chunk.begin,
+                      t.buffer ? static_cast<T*>(t.buffer) + chunk.begin : nullptr, chunk.size, inv_scale, k,
+                      nullptr);
+    });
+  });
+}
+
 }  // namespace
 }  // namespace alig_fused
 
 TORCH_LIBRARY_IMPL(alig_fused, CPU, m) {
+  m.impl("alig_apply_", &alig_fused::alig_apply_cpu);
   m.impl("alig_step_", &alig_fused::alig_step_cpu);
   m.impl("alig_sums", &alig_fused::alig_sums_cpu);
   m.impl("alig_update_", &alig_fused::alig_update_cpu);

@@ -72,21 +72,28 @@ at::Tensor scalar_float(const std::optional<at::Tensor>& opt, const at::Device& 
 StepArgs check_tensor_args(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                            c10::IntArrayRef group_index, const at::Tensor& hparams,
                            const std::optional<at::Tensor>& grad_scale, c10::DeviceType device_type) {
+  TORCH_CHECK_VALUE(hparams.dim() == 2 && hparams.size(1) == hparam::kCount && hparams.scalar_type() == at::kDouble &&
+                        hparams.is_contiguous(),
+                    "alig_fused: hparams must be a contiguous float64 tensor of shape [n_groups, ", hparam::kCount,
+                    "] (functional.hparams_table), got ", hparams.scalar_type(), " of shape ", hparams.sizes());
+  StepArgs args = check_tensor_lists(params, grads, momentum_buffers, group_index, hparams, grad_scale, device_type);
+  args.hparams = hparams;
+  return args;
+}
+
+StepArgs check_tensor_lists(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                            c10::IntArrayRef group_index, const at::Tensor& table,
+                            const std::optional<at::Tensor>& grad_scale, c10::DeviceType device_type) {
   const size_t n = params.size();
   TORCH_CHECK_VALUE(grads.size() == n && momentum_buffers.size() == n && group_index.size() == n,
                     "alig_fused: params, grads, momentum_buffers and group_index must have one entry per "
                     "tensor; got ",
                     n, ", ", grads.size(), ", ", momentum_buffers.size(), " and ", group_index.size());
-  TORCH_CHECK_VALUE(hparams.dim() == 2 && hparams.size(1) == hparam::kCount && hparams.scalar_type() == at::kDouble &&
-                        hparams.is_contiguous(),
-                    "alig_fused: hparams must be a contiguous float64 tensor of shape [n_groups, ", hparam::kCount,
-                    "] (functional.hparams_table), got ", hparams.scalar_type(), " of shape ", hparams.sizes());
-  TORCH_CHECK_VALUE(hparams.device().type() == device_type, "alig_fused: hparams is on ", hparams.device());
-  const at::Device device = hparams.device();
+  TORCH_CHECK_VALUE(table.device().type() == device_type, "alig_fused: hparams/coefs is on ", table.device());
+  const at::Device device = table.device();
 
   StepArgs args;
-  args.n_groups = hparams.size(0);
-  args.hparams = hparams;
+  args.n_groups = table.size(0);
   args.grad_scale = scalar_float(grad_scale, device, "grad_scale");
   args.tensors.reserve(n);
   for (size_t i = 0; i < n; ++i) {
@@ -140,6 +147,15 @@ void check_sums(const StepArgs& args, const at::Tensor& sums) {
   check_device(sums, args.hparams.device(), "sums");
 }
 
+void check_apply_tables(const StepArgs& args, const at::Tensor& coefs, const at::Tensor& skip) {
+  TORCH_CHECK_VALUE(coefs.dim() == 2 && coefs.size(1) == coef::kCount && coefs.scalar_type() == at::kFloat &&
+                        coefs.is_contiguous(),
+                    "alig_fused: coefs must be a contiguous float32 tensor of shape [n_groups, ", coef::kCount,
+                    "], got ", coefs.scalar_type(), " of shape ", coefs.sizes());
+  TORCH_CHECK_VALUE(skip.numel() == 1 && skip.scalar_type() == at::kBool, "alig_fused: skip must be a bool scalar tensor");
+  check_device(skip, coefs.device(), "skip");
+}
+
 }  // namespace alig_fused
 
 TORCH_LIBRARY(alig_fused, m) {
@@ -160,6 +176,13 @@ TORCH_LIBRARY(alig_fused, m) {
       "alig_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, int[] group_index, "
       "Tensor hparams, Tensor sums, Tensor loss, Tensor(c!) step_size, Tensor(d!) skipped_steps, "
       "Tensor? grad_scale, Tensor? found_inf) -> ()");
+  // Pass 2 alone, given its coefficients [n_groups, 5] (float32, functional.Coef) and the
+  // skip flag (bool): w' = (w + a*b - c*g) * scale, b' = mu*b - d*g; nothing written when
+  // skip is set. FusedMoMo's finalize (alig_fused/momo.py) computes the coefficients.
+  // CPU only: on CUDA, FusedMoMo's cpp backend runs this pass with torch ops.
+  m.def(
+      "alig_apply_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, int[] group_index, "
+      "Tensor coefs, Tensor skip, Tensor? grad_scale) -> ()");
 }
 
 // ---------------------------------------------------------------------------------------

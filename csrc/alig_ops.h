@@ -39,6 +39,15 @@ StepArgs check_tensor_args(at::TensorList params, at::TensorList grads, at::Tens
                            c10::IntArrayRef group_index, const at::Tensor& hparams,
                            const std::optional<at::Tensor>& grad_scale, c10::DeviceType device_type);
 
+// The same for a table other than hparams (alig_apply_'s coefs): n_groups = table.size(0),
+// device = table's; args.hparams stays undefined.
+StepArgs check_tensor_lists(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                            c10::IntArrayRef group_index, const at::Tensor& table,
+                            const std::optional<at::Tensor>& grad_scale, c10::DeviceType device_type);
+
+// alig_apply_'s coefs [n_groups, coef::kCount] float32 contiguous and skip (a bool scalar).
+void check_apply_tables(const StepArgs& args, const at::Tensor& coefs, const at::Tensor& skip);
+
 // The scalars of a step (loss, outputs, found_inf), added to `args`.
 void check_step_scalars(StepArgs& args, const at::Tensor& loss, const at::Tensor& step_size,
                         const at::Tensor& skipped_steps, const std::optional<at::Tensor>& found_inf);

@@ -20,7 +20,7 @@ loads this file when it sits beside the installed package). The library does not
   FusedALIG (Nesterov momentum 0.9, the weight matrices kept in an l2 ball, no schedule:
   sweep of the cap ``max_lr``), AdamW (warm-up then cosine decay, weight decay on the
   matrices: sweep of the peak lr), SGD with Nesterov momentum (the same warm-up and cosine
-  decay: sweep of the peak lr), and FusedMoMo once ``alig_fused.FusedMoMo`` exists. The best
+  decay: sweep of the peak lr), and FusedMoMo (beta 0.9, lb 0, no schedule: sweep of lr). The best
   of each sweep is picked by the final validation loss; every run is reported.
 - Output (``--out``): ``val_loss.png`` (validation bits per byte against steps and against
   training wall time), ``alig_step_size.png`` (ALI-G's step size and the uncapped Polyak
@@ -280,9 +280,9 @@ def contenders(cfg: LMConfig, size: Size, device: torch.device) -> list[Contende
         Contender("sgd", "SGD (Nesterov)", "lr", size.sgd_lr, f"momentum=0.9, {warm}", make_sgd),
     ]
     # --- FusedMoMo slot ------------------------------------------------------------------
-    # FusedMoMo (issue 18, MoMo of Schaipp et al., ICML 2024) is not in the package yet. This
-    # path runs once ``alig_fused.FusedMoMo`` exists, with MoMo's own arguments (lr, beta,
-    # lb, weight_decay) and ``step(loss=...)`` as FusedALIG's; check it when it lands.
+    # FusedMoMo (MoMo of Schaipp et al., ICML 2024), with MoMo's own arguments (lr, beta, lb,
+    # weight_decay) and ``step(loss=...)`` as FusedALIG's (the hasattr guard keeps the script
+    # running on an older alig_fused).
     if hasattr(alig_fused, "FusedMoMo"):
         def make_momo(matrices, others, lr, total_steps, matrix_norm):
             opt = alig_fused.FusedMoMo([dict(params=matrices), dict(params=others)], lr=lr, beta=0.9, lb=0.0,

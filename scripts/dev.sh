@@ -29,6 +29,8 @@ setup() {
     pip_install "$TORCH_SPEC" "$TRITON_SPEC" numpy setuptools wheel ninja
     pip_install pytest pytest-benchmark hypothesis scikit-learn matplotlib tqdm
     pip_install --no-deps pytorch_optimizer
+    # the reference MoMo (tests/test_momo.py runs it as a client); its only deps are torch and numpy
+    pip_install --no-deps momo-opt==0.1.0
     # The frameworks tests/test_integrations.py runs FusedALIG in, at the versions it was tested
     # with (~90 s to install); torch named again so that pip keeps the CPU build.
     pip_install "$TORCH_SPEC" transformers==5.24.0 accelerate==1.15.0 lightning==2.6.6

@@ -1,6 +1,6 @@
 """The specification: ALI-G written plainly, one parameter at a time, as the reference
 implementation (oval-group/ali-g, alig/th/alig.py) does it, extended with f_star, the
-scaling factor c, per-group hyper-parameters and the l2-ball projection of DESIGN.md.
+scaling factor c, per-group hyper-parameters and the l2-ball projection of docs/design.md §1.
 
 Run it on float64 copies of the parameters to get the trajectory every backend must follow.
 """

@@ -672,11 +672,63 @@ def test_float64_parameters_run_on_the_torch_path():
     opt = FusedALIG([p], lr=0.1, momentum=0.9)
     p.grad = torch.randn(5, dtype=torch.float64)
     opt.step(loss=1.0)
+    # auto: torch's float64 math (cpp takes float64 storage only by name: fp32 math)
     assert opt.last_backend == "torch" and p.dtype == torch.float64
-    for name in ("cpp", "triton"):
-        if backends.supports(name, torch.device("cpu"))[0]:
-            with pytest.raises(TypeError, match="float64"):
-                FusedALIG([p], backend=name)
+    if backends.supports("triton", torch.device("cpu"))[0]:
+        with pytest.raises(TypeError, match="float64"):
+            FusedALIG([p], backend="triton")
+
+
+@pytest.fixture
+def own_registry(monkeypatch):
+    """backends' registry and caches restored after the test."""
+    monkeypatch.setattr(backends, "REGISTRY", dict(backends.REGISTRY))
+    monkeypatch.setattr(backends, "BACKENDS", backends.BACKENDS)
+    monkeypatch.setattr(backends, "_loaded", dict(backends._loaded))
+    monkeypatch.setattr(backends, "_errors", dict(backends._errors))
+
+
+def test_a_registered_backend_is_reachable_by_name_and_by_auto(own_registry):
+    from alig_fused.functional import torch_alig
+
+    calls = []
+
+    def counting_alig(*args):
+        calls.append(len(args[0]))
+        torch_alig(*args)
+
+    backends.register(backends.Backend(
+        "counting", lambda: counting_alig, dtypes={"cpu": frozenset({torch.float32})}, auto_rank={"cpu": -1},
+    ))
+    assert "counting" in backends.BACKENDS and backends.available_backends()["counting"] == "ok"
+    cpu = torch.device("cpu")
+    assert backends.pick("auto", cpu, frozenset({torch.float32})) == "counting"
+    # a dtype it does not take: auto passes it over, by name it is a TypeError
+    assert backends.pick("auto", cpu, frozenset({torch.float64})) != "counting"
+    with pytest.raises(TypeError, match="float32 parameters on cpu, got torch.float64"):
+        backends.pick("counting", cpu, frozenset({torch.float64}))
+    with pytest.raises(BackendUnavailableError, match="no kernels for meta"):
+        backends.pick("counting", torch.device("meta"))
+    stepped = {}
+    for name in ("counting", "torch"):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = FusedALIG([p], lr=0.1, momentum=0.9, backend=name)
+        p.grad = torch.arange(3.0)
+        opt.step(loss=1.0)
+        stepped[name] = p.detach()
+    assert calls == [1] and torch.equal(stepped["counting"], stepped["torch"])
+    assert not torch.equal(stepped["torch"], torch.ones(3))
+
+
+def test_a_backend_that_fails_to_load_is_passed_over_by_auto(own_registry):
+    def broken():
+        raise ImportError("no such kernels (test)")
+
+    backends.register(backends.Backend("broken", broken, dtypes=None, auto_rank={"cpu": -1}))
+    assert "no such kernels" in backends.available_backends()["broken"]
+    assert backends.pick("auto", torch.device("cpu")) != "broken"
+    with pytest.raises(BackendUnavailableError, match="no such kernels"):
+        backends.pick("broken", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("config", ["plain", "momentum", "adjusted_no_cap", "projection", "f_star_scaling"])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from alig_fused import FusedALIG, backends
-from harness import assert_follows_reference, bit_identical, run_pair, snapshot
+from harness import FLOOR, SPECS, assert_follows_reference, bit_identical, run_pair, snapshot, trajectory_error
 
 CPU = torch.device("cpu")
 _ok, _reason = backends.supports("cpp", CPU)
@@ -49,9 +49,21 @@ def test_bit_identical_with_1_and_2_threads():
     assert bit_identical(results[1], results[2])
 
 
+def test_float64_matches_reference():
+    """float64 storage, math in fp32: fp32's tolerance."""
+    run = run_pair(SPECS["several_groups"], "cpp", dtype=torch.float64)
+    assert run.opt.last_backend == "cpp" and all(p.dtype == torch.float64 for p in run.fused)
+    assert all(s["momentum_buffer"].dtype == torch.float64 for s in run.opt.state.values())
+    assert trajectory_error(run.fused, run.exact) <= FLOOR[torch.float32]
+
+
+def test_auto_keeps_float64_on_torch():
+    assert backends.pick("auto", CPU, frozenset({torch.float64, torch.float32})) == "torch"
+    assert backends.pick("cpp", CPU, frozenset({torch.float64, torch.float32})) == "cpp"
+
+
 def test_float64_tensors_through_the_function():
-    # FusedALIG sends float64 models to backend="torch"; the op still takes them (storage
-    # float64, math in fp32, as torch_alig does it).
+    # The op on float64 storage agrees with torch_alig (float64 math) to fp32 precision.
     from alig_fused.functional import GroupHParams, torch_alig
 
     outs = {}

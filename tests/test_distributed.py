@@ -14,13 +14,20 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from alig_fused import FusedALIG
+from alig_fused import FusedALIG, FusedMoMo
 
 WORLD = 2
 STEPS = 20
 TIMEOUT_S = 180
 ONE_RANK_TIMEOUT_S = 5  # the process group of the one-rank test: a missed collective fails fast
 HPARAMS = dict(lr=0.2, momentum=0.9, max_norm=3.0)
+MOMO_HPARAMS = dict(lr=0.5, beta=0.9, weight_decay=0.01, use_fstar=True)
+
+
+def make_optimizer(kind, params, backend, **kwargs):
+    if kind == "momo":
+        return FusedMoMo(params, backend=backend, **MOMO_HPARAMS, **kwargs)
+    return FusedALIG(params, backend=backend, **HPARAMS, **kwargs)
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
 
@@ -43,10 +50,10 @@ def batch(rank: int, step: int):
     return x, y
 
 
-def single_process_run(backend: str):
+def single_process_run(backend: str, kind: str = "alig"):
     """Unsharded, one process, each step on the ranks' batches concatenated."""
     model = make_model()
-    opt = FusedALIG(model.parameters(), backend=backend, **HPARAMS)
+    opt = make_optimizer(kind, model.parameters(), backend)
     for step in range(STEPS):
         xs, ys = zip(*(batch(r, step) for r in range(WORLD)))
         opt.zero_grad()
@@ -60,6 +67,7 @@ def _worker(rank, port, mode, backend, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
         dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+        mode, _, kind = mode.partition(":")
         model = make_model()
         if mode == "ddp":
             model = torch.nn.parallel.DistributedDataParallel(model)
@@ -71,7 +79,7 @@ def _worker(rank, port, mode, backend, out_dir):
             fully_shard(model[0], mesh=mesh)
             fully_shard(model[2], mesh=mesh)
             fully_shard(model, mesh=mesh)
-        opt = FusedALIG(model.parameters(), backend=backend, **HPARAMS)
+        opt = make_optimizer(kind or "alig", model.parameters(), backend)
         for step in range(STEPS):
             x, y = batch(rank, step)
             opt.zero_grad()
@@ -210,3 +218,13 @@ def test_one_rank_only_step_needs_average_loss_false_and_says_why(tmp_path):
     assert error is not None, "a loss all-reduce on one rank only should have timed out"
     assert "average_loss=False" in error and "Every rank" in error
     assert results[0]["unchanged"], "the failed step changed the parameters"
+
+
+@pytest.mark.parametrize("mode", ["ddp:momo", "fsdp:momo"])
+def test_momo_distributed_equals_one_process(dist_backend, mode, tmp_path):
+    """FusedMoMo: the loss averaged across ranks, sharded sums reduced in one collective."""
+    results = run_ranks(mode, dist_backend, tmp_path)
+    expected = single_process_run(dist_backend, "momo")
+    for r in range(WORLD):
+        for p, e in zip(results[r]["params"], expected):
+            torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-6)

@@ -89,6 +89,23 @@ def test_lookahead_passes_grad_scaler_protocol_through():
     torch.testing.assert_close(p.detach(), before - min(expected_step, 0.1) * 2 * before)
 
 
+def test_lookahead_is_an_optimizer_with_hooks_and_the_inner_groups():
+    p = torch.nn.Parameter(torch.randn(4))
+    inner = FusedALIG([p], lr=0.1, backend="torch")
+    opt = Lookahead(inner, k=2)
+    assert opt.param_groups is inner.param_groups and opt.defaults is inner.defaults
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o is opt, int(o.lookahead_step))))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o is opt, int(o.lookahead_step))))
+    p.grad = torch.ones(4)
+    opt.step(loss=1.0)
+    assert calls == [("pre", True, 0), ("post", True, 1)]
+    q = torch.nn.Parameter(torch.zeros(2))
+    opt.add_param_group({"params": [q], "lr": 0.5})
+    assert len(inner.param_groups) == 2 and inner.param_groups[1]["params"] == [q]
+    assert torch.equal(opt.state[q]["slow_param"], q.detach())
+
+
 def test_lookahead_rejects_bad_arguments():
     opt = FusedALIG([torch.nn.Parameter(torch.ones(2))])
     with pytest.raises(ValueError, match="k"):

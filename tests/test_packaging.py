@@ -6,6 +6,8 @@ local label.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import shutil
 import subprocess
@@ -84,7 +86,8 @@ def test_no_jit_raises_the_reason_without_compiling(monkeypatch, no_prebuilt, fo
 
 def test_auto_falls_back_with_the_reason_and_a_named_backend_raises_it(monkeypatch, capsys, fresh_backends, no_prebuilt, forbid_compile):
     monkeypatch.setenv("ALIG_FUSED_NO_JIT", "1")
-    monkeypatch.setitem(backends._LOADERS, "cpp", lambda: _cpp_loader.load_extension())
+    cpp = dataclasses.replace(backends.REGISTRY["cpp"], load=lambda: _cpp_loader.load_extension())
+    monkeypatch.setitem(backends.REGISTRY, "cpp", cpp)
     assert backends.pick("auto", CPU) == "torch"
     assert no_prebuilt in backends.why_unavailable("cpp")
     assert no_prebuilt in backends.available_backends(CPU)["cpp"]
@@ -195,3 +198,14 @@ def test_a_build_with_the_extension_carries_the_torch_in_its_version():
     tag = _build_config.torch_tag(torch.__version__, torch.version.cuda)
     assert _setup_version() == f"{alig_fused.__version__}+{tag}"
     assert _setup_version(ALIG_FUSED_NO_EXT="1") == alig_fused.__version__
+
+
+def test_library_imports_no_demo():
+    """``import alig_fused`` and ``alig-fused backends`` load no demo (examples/ loads only for ``demo``)."""
+    code = (
+        "import sys, alig_fused, alig_fused.cli\n"
+        "assert alig_fused.cli.main(['backends']) == 0\n"
+        "demos = [m for m in sys.modules if 'example' in m or 'demo' in m]\n"
+        "assert not demos, demos\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

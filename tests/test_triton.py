@@ -26,6 +26,7 @@ pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from alig_fused import triton_kernels as tk  # noqa: E402
+from alig_fused import triton_tables  # noqa: E402
 from alig_fused.functional import GroupHParams, torch_alig  # noqa: E402
 from harness import FLOOR, assert_follows_reference, bit_identical, make_groups, run_pair, trajectory_error  # noqa: E402
 from reference import ReferenceALIG  # noqa: E402
@@ -368,7 +369,7 @@ def test_bf16_stores_round_to_nearest_even():
 
 
 # ---------------------------------------------------------------------------------------
-# CUDA graphs and streams, simulated on CPU: ``tk._capturing`` is what the launcher asks
+# CUDA graphs and streams, simulated on CPU: ``triton_tables.capturing`` is what the launchers ask
 # (torch.cuda.is_current_stream_capturing() on CUDA); the code path is the one a capture takes.
 # ---------------------------------------------------------------------------------------
 
@@ -395,9 +396,9 @@ def test_tables_a_capture_used_stay_alive(monkeypatch):
     assert _alive(eager_only) == [False] * 5  # the weakrefs do see a table freed
 
     call_step(params, grads[2], buffers, [0, 1], groups, 1.0, cache=cache)  # the eager warm-up: builds them
-    monkeypatch.setattr(tk, "_capturing", lambda device: True, raising=False)
+    monkeypatch.setattr(triton_tables, "capturing", lambda device: True, raising=False)
     call_step(params, grads[2], buffers, [0, 1], groups, 1.0, cache=cache)  # "captured"
-    monkeypatch.setattr(tk, "_capturing", lambda device: False, raising=False)
+    monkeypatch.setattr(triton_tables, "capturing", lambda device: False, raising=False)
     captured = _table_refs(cache["tables"])
     call_step(params, grads[3], buffers, [0, 1], groups, 1.0, cache=cache)
     assert _alive(captured) == [True] * 5
@@ -409,7 +410,7 @@ def test_rebuild_during_capture_is_an_error(monkeypatch):
     cache = {}
     call_step(params, grads[0], buffers, [0], [hparams(momentum=0.9)], 1.0, cache=cache)
     tables, before = cache["tables"], [t.clone() for t in params + buffers]
-    monkeypatch.setattr(tk, "_capturing", lambda device: True)
+    monkeypatch.setattr(triton_tables, "capturing", lambda device: True)
     with pytest.raises(RuntimeError, match="changed while a CUDA graph is being captured"):
         call_step(params, grads[1], buffers, [0], [hparams(momentum=0.9)], 1.0, cache=cache)
     assert cache["tables"] is tables and bit_identical(params + buffers, before)
@@ -420,18 +421,18 @@ def test_tables_recorded_on_another_stream(monkeypatch):
     recorded = []
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, stream: recorded.append((t, stream)), raising=False)
     stream = ["made"]
-    monkeypatch.setattr(tk, "_current_stream", lambda device: stream[0])
-    monkeypatch.setattr(tk, "_capturing", lambda device: False)
+    monkeypatch.setattr(triton_tables, "current_stream", lambda device: stream[0])
+    monkeypatch.setattr(triton_tables, "capturing", lambda device: False)
     cuda = type("FakeCuda", (), {"type": "cuda"})()
     tables = tk._build_tables([torch.randn(10)], [torch.randn(10)], [torch.zeros(10)], [0], 1, torch.device("cpu"),
                               tk.CHUNK)
     cache = {}
-    tk._keep_alive(tables, cuda, cache, rebuilt=True)
-    tk._keep_alive(tables, cuda, cache, rebuilt=False)
+    triton_tables.keep_alive(tables, cuda, cache, rebuilt=True)
+    triton_tables.keep_alive(tables, cuda, cache, rebuilt=False)
     assert recorded == []
     stream[0] = "side"
-    tk._keep_alive(tables, cuda, cache, rebuilt=False)
-    tk._keep_alive(tables, cuda, cache, rebuilt=False)
+    triton_tables.keep_alive(tables, cuda, cache, rebuilt=False)
+    triton_tables.keep_alive(tables, cuda, cache, rebuilt=False)
     tensors = [t for t in tables if isinstance(t, torch.Tensor)]
     assert len(recorded) == len(tensors) and all(s == "side" for _, s in recorded)
     assert all(any(t is r for r, _ in recorded) for t in tensors)

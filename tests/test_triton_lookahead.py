@@ -314,19 +314,19 @@ def test_captured_table_stays_alive_and_rebuild_during_capture_fails(monkeypatch
     import gc
     import weakref
 
-    from alig_fused import triton_kernels as tk
+    from alig_fused import triton_tables
 
     step = torch.zeros((), dtype=torch.int64)
     fast, slow = [torch.randn(10)], [torch.randn(10)]
     cache = {}
     tla.triton_lookahead(fast, slow, step, 0.5, 2, cache)  # the eager warm-up
-    monkeypatch.setattr(tk, "_capturing", lambda device: True, raising=False)
+    monkeypatch.setattr(triton_tables, "capturing", lambda device: True, raising=False)
     tla.triton_lookahead(fast, slow, step, 0.5, 2, cache)  # "captured"
     meta = weakref.ref(cache["tables"].meta)
     with pytest.raises(RuntimeError, match="changed while a CUDA graph is being captured"):
         tla.triton_lookahead(fast, [torch.randn(10)], step, 0.5, 2, cache)
     assert int(step) == 2  # the failed call changed nothing
-    monkeypatch.setattr(tk, "_capturing", lambda device: False, raising=False)
+    monkeypatch.setattr(triton_tables, "capturing", lambda device: False, raising=False)
     tla.triton_lookahead(fast, [torch.randn(10)], step, 0.5, 2, cache)  # rebuilt
     gc.collect()
     assert meta() is not None
