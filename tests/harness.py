@@ -29,11 +29,15 @@ CPU_VARIANTS = {"cpp": ("cpp-1thread",)}
 
 
 def instances() -> list[tuple[str, str]]:
-    """(device type, backend variant) for every backend in alig_fused.backends on every device."""
-    names = list(backends.BACKENDS)
+    """(device type, backend variant) for every backend registered in alig_fused.backends, on
+    every device its record lists (all of DEVICES when it lists none)."""
+    registry = getattr(backends, "REGISTRY", {})
     out = []
     for device in DEVICES:
-        for name in names:
+        for name in backends.BACKENDS:
+            record = registry.get(name)
+            if record is not None and record.dtypes is not None and device not in record.dtypes:
+                continue
             out.append((device, name))
             if device == "cpu":
                 out += [(device, variant) for variant in CPU_VARIANTS.get(name, ())]
