@@ -377,7 +377,7 @@ def train(contender: Contender, value: float, splits: Splits, starts: Tensor, cf
         curves.lr.append(group["lr"])
         curves.train_loss.append(loss.detach())
         if takes_loss(optimizer):
-            if isinstance(optimizer, FusedALIG):
+            if isinstance(optimizer, FusedALIG) and "f_star" in group:  # ALI-G (FusedMoMo's groups have lb)
                 # The uncapped Polyak step, from the same loss and gradients the step sees.
                 grad_sq_norm = torch.nn.utils.get_total_norm([p.grad for p in all_params]).square()
                 gap = (loss.detach().float() - group["f_star"]).clamp(min=0)
