@@ -62,7 +62,7 @@ class AliG(FusedALIG):
 
     @property
     def step_size_unclipped(self) -> Tensor | None:
-        unclipped = getattr(self, "_last_diagnostics", {}).get("step_size_unclipped")
+        unclipped = self._last_diagnostics.get("step_size_unclipped")
         return None if unclipped is None else unclipped[0]  # the same for every group (f_star = 0, c = 1)
 
 

@@ -10,8 +10,8 @@ from torch import Tensor
 
 from . import backends
 from .functional import GroupHParams
-from .momo import MomoState, momo_group_hparams, momo_step
-from .optim import FusedALIG, _number
+from .momo import STATE_NAMES, MomoState, momo_group_hparams, momo_step
+from .optim import FusedALIG, _in_step_state, _number
 
 __all__ = ["FusedMoMo"]
 
@@ -42,6 +42,7 @@ class FusedMoMo(FusedALIG):
     """
 
     _buffer_key = "grad_avg"  # the reference's name for d
+    _momo_state = _in_step_state("momo_state")  # a plain object's attribute: see optim._StepState
     _extra_diagnostics = ("lb", "f_bar")
 
     def __init__(
@@ -84,7 +85,6 @@ class FusedMoMo(FusedALIG):
         self.beta = beta
         self.initial_lb = lb
         self.use_fstar = use_fstar
-        self._momo_state: MomoState | None = None
         self._init_common(params, defaults, backend, None, process_group, average_loss)
 
     # -- the hooks FusedALIG's step calls ------------------------------------------------
@@ -137,17 +137,14 @@ class FusedMoMo(FusedALIG):
     # -- state ----------------------------------------------------------------------------
 
     def momo_state(self, device: torch.device | None = None) -> MomoState:
-        """MoMo's global state (0-dim device tensors): step, f_bar, gamma_bar, lb."""
+        """MoMo's global state on the device: ``.step``, ``.f_bar``, ``.gamma_bar``, ``.lb`` (0-dim)."""
         if device is None:
             device = self._params_device()
         state = self._momo_state
         if state is None:
-            f64 = dict(dtype=torch.float64, device=device)
             state = MomoState(
                 step=torch.zeros((), dtype=torch.int64, device=device),
-                f_bar=torch.zeros((), **f64),
-                gamma_bar=torch.zeros((), **f64),
-                lb=torch.full((), self.initial_lb, **f64),
+                averages=torch.tensor([0.0, 0.0, self.initial_lb], dtype=torch.float64, device=device),
             )
         elif state.step.device != device:
             state = MomoState(*(t.to(device) for t in state))
@@ -161,7 +158,7 @@ class FusedMoMo(FusedALIG):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["momo"] = {name: t.clone() for name, t in self.momo_state()._asdict().items()}
+        state["momo"] = {name: t.clone() for name, t in self.momo_state().named().items()}
         state["momo"].update(beta=self.beta, initial_lb=self.initial_lb, use_fstar=self.use_fstar)
         return state
 
@@ -170,10 +167,10 @@ class FusedMoMo(FusedALIG):
         momo = state_dict.pop("momo", None)
         tensors = None
         if momo is not None:  # checked before anything changes
-            if not isinstance(momo, dict) or any(k not in momo for k in MomoState._fields):
-                raise ValueError(f"FusedMoMo.load_state_dict: 'momo' must hold {', '.join(MomoState._fields)}")
+            if not isinstance(momo, dict) or any(k not in momo for k in STATE_NAMES):
+                raise ValueError(f"FusedMoMo.load_state_dict: 'momo' must hold {', '.join(STATE_NAMES)}")
             tensors = []
-            for name in MomoState._fields:
+            for name in STATE_NAMES:
                 value = momo[name]
                 if not isinstance(value, Tensor) or value.numel() != 1:
                     raise ValueError(f"FusedMoMo.load_state_dict: momo[{name!r}] must be a one-element tensor")
@@ -181,7 +178,7 @@ class FusedMoMo(FusedALIG):
         super().load_state_dict(state_dict)
         if tensors is not None:
             state = self.momo_state()
-            for mine, saved in zip(state, tensors):
+            for mine, saved in zip(state.named().values(), tensors):
                 mine.copy_(saved)
 
 

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .functional import MAX_GRAD_SQ_NORM, Coef, GroupHParams, ReduceSums, Sum, hparams_table
 
-__all__ = ["MomoState", "MomoResult", "momo_finalize", "momo_step", "momo_group_hparams"]
+__all__ = ["MomoState", "STATE_NAMES", "MomoResult", "momo_finalize", "momo_step", "momo_group_hparams"]
 
 # The columns of the hparams table a MoMo group uses (the table's other columns are ALI-G's):
 # LR = lr, MOMENTUM = beta (> 0: the group has a gradient average), MAX_NORM = 1.0 (finite:
@@ -42,12 +42,36 @@ def momo_group_hparams(lr, beta: float, weight_decay: float) -> GroupHParams:
 
 
 class MomoState(NamedTuple):
-    """MoMo's global state, 0-dim device tensors, updated in place by ``momo_step``."""
+    """MoMo's global state on the device, updated in place by ``momo_step``.
 
-    step: Tensor  # int64, steps taken (skipped ones not counted)
-    f_bar: Tensor  # float64, the loss average
-    gamma_bar: Tensor  # float64, the average of <w, g>
-    lb: Tensor  # float64, the lower bound in use (use_fstar: its online estimate)
+    The three float64 averages live in one tensor, written by one ``copy_`` per step: under
+    torch.compile on CPU (torch 2.13), an in-place write into a 0-dim float64 CPU tensor was
+    lost (a compiled ``copy_`` left it unchanged), and ``_foreach_copy_`` over three 0-dim
+    tensors read one of them after writing it; a 1-d tensor is written correctly
+    (tests/test_compile.py: FusedMoMo compiled against eager).
+    """
+
+    step: Tensor  # int64, 0-dim: steps taken (skipped ones not counted)
+    averages: Tensor  # float64 [3]: f_bar, gamma_bar, lb (AVERAGES)
+
+    @property
+    def f_bar(self) -> Tensor:  # the loss average (a 0-dim view)
+        return self.averages[0]
+
+    @property
+    def gamma_bar(self) -> Tensor:  # the average of <w, g>
+        return self.averages[1]
+
+    @property
+    def lb(self) -> Tensor:  # the lower bound in use (use_fstar: its online estimate)
+        return self.averages[2]
+
+    def named(self) -> dict[str, Tensor]:
+        """The state by name (STATE_NAMES), 0-dim tensors (views: clone to keep them)."""
+        return {"step": self.step, "f_bar": self.f_bar, "gamma_bar": self.gamma_bar, "lb": self.lb}
+
+
+STATE_NAMES = ("step", "f_bar", "gamma_bar", "lb")  # state_dict()["momo"]'s tensors
 
 
 class MomoResult(NamedTuple):
@@ -313,9 +337,7 @@ def momo_step(
         sums, loss = reduce_sums(sums, loss)
     result = momo_finalize(sums, loss, hparams, state, beta, initial_lb, use_fstar, found_inf)
     halves.apply(params, grads, buffers, group_index, group_hparams, result.coefs, result.skip, grad_scale, cache)
-    torch._foreach_copy_(
-        [state.f_bar, state.gamma_bar, state.lb], [result.f_bar, result.gamma_bar, result.lb]
-    )
+    state.averages.copy_(torch.stack([result.f_bar, result.gamma_bar, result.lb]))  # one write: see MomoState
     not_skipped = (~result.skip).to(torch.int64)
     state.step.add_(not_skipped)
     skipped_steps.add_(1 - not_skipped)

@@ -22,6 +22,46 @@ __all__ = ["FusedALIG"]
 _UNSET: Any = object()
 
 
+class _StepState:
+    """The Python state a step changes (the plan, the loss flag, the lazily made tensors).
+
+    It lives on this plain object, reached through properties, not in the optimizer's own
+    attributes: inside torch.compile, dynamo drops attribute stores on a
+    ``torch.optim.Optimizer`` (torch 2.13: ``self.x = v`` in a compiled step leaves ``x`` as
+    it was; the accumulated-loss flag, the diagnostics and MoMo's state were lost), while
+    stores on any other object are replayed after the graph runs (tests/test_compile.py).
+    """
+
+    def __init__(self) -> None:
+        self.plan: _StepPlan | None = None
+        self.step_sizes: Tensor | None = None
+        self.skipped_steps: Tensor | None = None
+        # accumulate_loss's running sum: one tensor kept across steps (a CUDA graph that
+        # captured the step reads it at the same address), live while loss_pending.
+        self.loss_sum: Tensor | None = None
+        self.loss_pending = False
+        self.warned_no_grad = False
+        self.last_backend: str | None = None
+        self.wants_diagnostics = False
+        self.last_diagnostics: dict[str, Tensor] = {}
+        self.history_enabled = False
+        self.history_size = 0
+        self.history: Tensor | None = None  # enable_history's ring buffer [N, width]
+        self.history_row: Tensor | None = None  # int64 0-dim: the next row written
+        self.history_step: Tensor | None = None
+        self.momo_state: Any = None  # FusedMoMo's MomoState
+
+
+def _in_step_state(name: str) -> property:
+    def get(self):
+        return getattr(self._step_state, name)
+
+    def set(self, value):
+        setattr(self._step_state, name, value)
+
+    return property(get, set, doc=f"(kept in _StepState.{name}: see _StepState)")
+
+
 class FusedALIG(Optimizer):
     r"""ALI-G (Berrada, Zisserman & Kumar, ICML 2020) with a fused multi-tensor step.
 
@@ -74,6 +114,23 @@ class FusedALIG(Optimizer):
     # GradScaler hands us grad_scale / found_inf and we unscale inside the step.
     _step_supports_amp_scaling = True
 
+
+    # The step's Python state, on a plain object (see _StepState).
+    _plan = _in_step_state("plan")
+    _step_sizes = _in_step_state("step_sizes")
+    _skipped_steps = _in_step_state("skipped_steps")
+    _loss_sum = _in_step_state("loss_sum")
+    _loss_pending = _in_step_state("loss_pending")
+    _warned_no_grad = _in_step_state("warned_no_grad")
+    last_backend = _in_step_state("last_backend")  # the backend of the last step
+    _wants_diagnostics = _in_step_state("wants_diagnostics")
+    _last_diagnostics = _in_step_state("last_diagnostics")
+    _history_enabled = _in_step_state("history_enabled")
+    _history_size = _in_step_state("history_size")
+    _history = _in_step_state("history")
+    _history_row = _in_step_state("history_row")
+    _history_step = _in_step_state("history_step")
+
     def __init__(
         self,
         params: Iterable,
@@ -125,19 +182,9 @@ class FusedALIG(Optimizer):
         self.projection_fn = projection_fn
         self.process_group = process_group
         self.average_loss = bool(average_loss)
+        self._step_state = _StepState()
         super().__init__(params, defaults)  # add_param_group checks each group's parameters
         self._cache: dict = {}
-        self._plan: _StepPlan | None = None
-        self._step_sizes: Tensor | None = None
-        self._skipped_steps: Tensor | None = None
-        # accumulate_loss's running sum: one tensor kept across steps (a CUDA graph that
-        # captured the step reads it at the same address), live while _loss_pending.
-        self._loss_sum: Tensor | None = None
-        self._loss_pending = False
-        self._warned_no_grad = False
-        self.last_backend: str | None = None  # the backend of the last step
-        self._history: Tensor | None = None  # enable_history's ring buffer [N, width]
-        self._history_row: Tensor | None = None  # int64 0-dim: the next row written
 
     def __setattr__(self, name: str, value: Any) -> None:
         # torch's LRScheduler wraps opt.step (marking the wrapper _wrapped_by_lr_sched) right
@@ -433,7 +480,6 @@ class FusedALIG(Optimizer):
         polyak = torch.where(skipped, 0.0, polyak)
         self._record(step_sizes.to(torch.float64), polyak, (polyak > lr) & ~skipped, grad_sq_norm, loss, skipped)
 
-    _wants_diagnostics = False
 
     # -- diagnostics without a sync ------------------------------------------------------
 
@@ -448,7 +494,7 @@ class FusedALIG(Optimizer):
         drop-in AliG keep them from the first step.
         """
         self._wants_diagnostics = True
-        return dict(getattr(self, "_last_diagnostics", {}))
+        return dict(self._last_diagnostics)
 
     def enable_history(self, n: int) -> None:
         """Keep the last ``n`` steps' diagnostics in a device ring buffer (``history()``):
@@ -500,7 +546,7 @@ class FusedALIG(Optimizer):
         )
         values.update({k: v.reshape(()) for k, v in extra.items()})
         self._last_diagnostics = values
-        if not getattr(self, "_history_enabled", False):
+        if not self._history_enabled:
             return
         n_groups = step_size.shape[0]
         columns = self._diagnostic_columns(n_groups)
