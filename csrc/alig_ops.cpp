@@ -179,7 +179,7 @@ TORCH_LIBRARY(alig_fused, m) {
   // Pass 2 alone, given its coefficients [n_groups, 5] (float32, functional.Coef) and the
   // skip flag (bool): w' = (w + a*b - c*g) * scale, b' = mu*b - d*g; nothing written when
   // skip is set. FusedMoMo's finalize (alig_fused/momo.py) computes the coefficients.
-  // CPU only: on CUDA, FusedMoMo's cpp backend runs this pass with torch ops.
+  // CPU and CUDA; on CUDA coefs and skip are read on the device (no host sync, capturable).
   m.def(
       "alig_apply_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, int[] group_index, "
       "Tensor coefs, Tensor skip, Tensor? grad_scale) -> ()");

@@ -92,3 +92,49 @@ def test_reduce_sums_halves():
         cpp_alig(params, grads, buffers, group_index, hparams, loss, step_size, skipped, None, None, {}, **extra)
         results.append(params + buffers + [step_size])
     assert bit_identical(results[0], results[1])
+
+
+def apply_args(device, skip, seed=1):
+    """alig_apply_'s arguments: mixed dtypes, a group without momentum, a multi-chunk tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(5,), (3, 4), (17000,), (9,)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float64]
+    params, grads = ([torch.randn(s, generator=gen).to(device, d) for s, d in zip(shapes, dtypes)] for _ in range(2))
+    buffers = [torch.randn(s, generator=gen).to(device, d) for s, d in zip(shapes, dtypes)]
+    buffers[1] = torch.empty(0, device=device, dtype=dtypes[1])  # group 1: no momentum
+    coefs = torch.tensor([[0.2, 0.05, 0.5, 0.9, 0.97], [0.0, 0.1, 0.0, 0.0, 1.0]], device=device)
+    return params, grads, buffers, [0, 1, 0, 0], coefs, torch.tensor(skip, device=device), torch.tensor(2.0, device=device)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_apply_matches_the_cpu_kernel(skip):
+    """alig_apply_ on CUDA (pass2_kernel with the caller's coefs) writes the CPU kernel's bits:
+    same fp32 operations in the same order, no FMA; a set skip flag writes nothing."""
+    apply_ = torch.ops.alig_fused.alig_apply_.default
+    cpu, gpu = apply_args("cpu", skip), apply_args(CUDA, skip)
+    before = [t.clone() for t in cpu[0] + cpu[2]]
+    apply_(*cpu)
+    apply_(*gpu)
+    assert bit_identical([t.cpu() for t in gpu[0] + gpu[2]], cpu[0] + cpu[2])
+    assert bit_identical(cpu[0] + cpu[2], before) == skip
+
+
+def test_apply_opcheck():
+    torch.library.opcheck(torch.ops.alig_fused.alig_apply_.default, apply_args(CUDA, False))
+
+
+def test_momo_pass2_is_one_launch():
+    """FusedMoMo's cpp backend on CUDA runs pass 2 as alig_apply_'s one pass2_kernel launch."""
+    from alig_fused import FusedMoMo
+
+    params = [torch.randn(s, device=CUDA, requires_grad=True) for s in [(300,), (20, 30), (9,)] * 20]
+    targets = [torch.randn_like(p) for p in params]
+    opt = FusedMoMo(params, lr=0.1, backend="cpp")
+    opt.step(loss=backward(params, targets))
+    loss = backward(params, targets)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        opt.step(loss=loss)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert sum("pass2_kernel" in n for n in names) == 1, names  # 0 with the torch-ops pass 2

@@ -1,7 +1,8 @@
 // CUDA kernels of alig_fused::alig_step_: three launches per step whatever the number of
 // tensors (pass 1, finalize, pass 2), all on the current stream, no host sync, no atomics.
 // Its halves for sharded parameters: alig_sums (pass 1, reduce) and alig_update_
-// (finalize on the all-reduced sums, pass 2).
+// (finalize on the all-reduced sums, pass 2); and alig_apply_ (FusedMoMo: pass 2 alone,
+// from the caller's coefs and skip flag, read on the device like the step's own).
 //
 // Device table: ONE int64 tensor per tensor list, built on the host, copied once through
 // pinned memory and cached (TableCache, keyed by the list's pointers, sizes, groups and
@@ -20,7 +21,7 @@
 //
 // Per-step scratch (caching allocator, so graph-capturable): partials float [kSums][n_chunks]
 // (column-major, so finalize reads coalesced), sums double [n_groups][kSums], coefs float
-// [n_groups][kCoefs], skip flag int32.
+// [n_groups][kCoefs], skip flag bool (the type of alig_apply_'s skip tensor).
 //
 // Launches (grid = one block per chunk for the passes):
 //   pass1     each block: fp32 sums of its chunk (block tree reduction, fixed order) -> partials
@@ -28,6 +29,7 @@
 //             functional.finalize (alig_math.h) -> coefs, step_size, skipped_steps, skip flag
 //             (alig_sums stops after the sums; alig_update_ starts from given sums)
 //   pass2     each block: returns at once when skip is set, else one read-modify-write of its chunk
+//             (coefs and skip: the finalize's scratch, or alig_apply_'s arguments)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -73,7 +75,7 @@ struct Scratch {
   float* partials;  // [sum::kCount][n_chunks]
   double* sums;     // [n_groups][sum::kCount] (alig_step_; the halves use their own)
   float* coefs;     // [n_groups][coef::kCount]
-  int* skip;
+  bool* skip;
 };
 
 struct StepScalars {
@@ -300,11 +302,14 @@ __device__ void chunk_update(T* w, const T* g, T* b, int64_t n, float inv_scale,
   }
 }
 
-__global__ void __launch_bounds__(kThreads) pass2_kernel(DeviceTable table, Scratch scratch, StepScalars scalars) {
-  if (*scratch.skip) return;  // a skipped step writes nothing (0 * inf = nan)
+// coefs [n_groups][coef::kCount] and skip: finalize_kernel's (alig_step_, alig_update_) or
+// the caller's (alig_apply_), both read here on the device.
+__global__ void __launch_bounds__(kThreads)
+    pass2_kernel(DeviceTable table, const float* coefs, const bool* skip, const float* grad_scale) {
+  if (*skip) return;  // a skipped step writes nothing (0 * inf = nan)
   const ChunkRef ref = chunk_ref(table, blockIdx.x);
-  const UpdateCoefs k = load_coefs(scratch.coefs + ref.group * coef::kCount);
-  const float inv_scale = inverse_grad_scale(scalars.grad_scale);
+  const UpdateCoefs k = load_coefs(coefs + ref.group * coef::kCount);
+  const float inv_scale = inverse_grad_scale(grad_scale);
   const bool has_buffer = ref.row[kBuffer] != 0;
   dispatch_dtype(ref.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -461,8 +466,7 @@ struct Launch {
   at::Tensor table_tensor, scratch_tensor;
 };
 
-Launch prepare(const StepArgs& args) {
-  const at::Device device = args.hparams.device();
+Launch prepare(const StepArgs& args, const at::Device& device) {
   Launch launch;
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
   launch.stream = stream.stream();
@@ -480,8 +484,8 @@ Launch prepare(const StepArgs& args) {
   launch.scratch_tensor = at::empty({skip_offset + 8}, at::TensorOptions().dtype(at::kByte).device(device));
   uint8_t* raw = launch.scratch_tensor.data_ptr<uint8_t>();
   launch.scratch = {reinterpret_cast<float*>(raw), reinterpret_cast<double*>(raw + sums_offset),
-                    reinterpret_cast<float*>(raw + coefs_offset), reinterpret_cast<int*>(raw + skip_offset)};
-  launch.scalars = {args.hparams.const_data_ptr<double>(),
+                    reinterpret_cast<float*>(raw + coefs_offset), reinterpret_cast<bool*>(raw + skip_offset)};
+  launch.scalars = {args.hparams.defined() ? args.hparams.const_data_ptr<double>() : nullptr,
                     args.loss.defined() ? args.loss.const_data_ptr<double>() : nullptr,
                     args.grad_scale.defined() ? args.grad_scale.const_data_ptr<float>() : nullptr,
                     args.found_inf.defined() ? args.found_inf.const_data_ptr<float>() : nullptr,
@@ -501,9 +505,9 @@ void launch_finalize(const Launch& l, double* sums, bool reduce, bool finalize) 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void launch_pass2(const Launch& l) {
+void launch_pass2(const Launch& l, const float* coefs, const bool* skip) {
   if (l.table.n_chunks == 0) return;
-  pass2_kernel<<<l.table.n_chunks, kThreads, 0, l.stream>>>(l.table, l.scratch, l.scalars);
+  pass2_kernel<<<l.table.n_chunks, kThreads, 0, l.stream>>>(l.table, coefs, skip, l.scalars.grad_scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -520,11 +524,11 @@ void alig_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
       check_tensor_args(params, grads, momentum_buffers, group_index, hparams, grad_scale, c10::DeviceType::CUDA);
   check_step_scalars(args, loss, step_size, skipped_steps, found_inf);
   const c10::cuda::CUDAGuard guard(hparams.device());
-  Launch launch = prepare(args);
+  Launch launch = prepare(args, hparams.device());
   set_outputs(launch, step_size, skipped_steps);
   launch_pass1(launch);
   launch_finalize(launch, launch.scratch.sums, /*reduce=*/true, /*finalize=*/true);
-  launch_pass2(launch);
+  launch_pass2(launch, launch.scratch.coefs, launch.scratch.skip);
 }
 
 at::Tensor alig_sums_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -533,7 +537,7 @@ at::Tensor alig_sums_cuda(at::TensorList params, at::TensorList grads, at::Tenso
   const StepArgs args =
       check_tensor_args(params, grads, momentum_buffers, group_index, hparams, grad_scale, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(hparams.device());
-  const Launch launch = prepare(args);
+  const Launch launch = prepare(args, hparams.device());
   at::Tensor sums = at::empty({args.n_groups, sum::kCount}, hparams.options());
   launch_pass1(launch);
   launch_finalize(launch, sums.data_ptr<double>(), /*reduce=*/true, /*finalize=*/false);
@@ -549,11 +553,25 @@ void alig_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
   check_step_scalars(args, loss, step_size, skipped_steps, found_inf);
   check_sums(args, sums);
   const c10::cuda::CUDAGuard guard(hparams.device());
-  Launch launch = prepare(args);
+  Launch launch = prepare(args, hparams.device());
   set_outputs(launch, step_size, skipped_steps);
   // finalize_kernel only reads the sums when it does not reduce.
   launch_finalize(launch, const_cast<double*>(sums.const_data_ptr<double>()), /*reduce=*/false, /*finalize=*/true);
-  launch_pass2(launch);
+  launch_pass2(launch, launch.scratch.coefs, launch.scratch.skip);
+}
+
+// Pass 2 alone (FusedMoMo): one launch of the step's pass2_kernel, reading the caller's
+// coefs and skip flag on the device (no host sync; capturable).
+void alig_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                     c10::IntArrayRef group_index, const at::Tensor& coefs, const at::Tensor& skip,
+                     const std::optional<at::Tensor>& grad_scale) {
+  TORCH_CHECK_VALUE(coefs.dim() == 2, "alig_fused: coefs must be a [n_groups, ", coef::kCount, "] tensor");
+  const StepArgs args =
+      check_tensor_lists(params, grads, momentum_buffers, group_index, coefs, grad_scale, c10::DeviceType::CUDA);
+  check_apply_tables(args, coefs, skip);
+  const c10::cuda::CUDAGuard guard(coefs.device());
+  const Launch launch = prepare(args, coefs.device());
+  launch_pass2(launch, coefs.const_data_ptr<float>(), skip.const_data_ptr<bool>());
 }
 
 }  // namespace
@@ -563,4 +581,5 @@ TORCH_LIBRARY_IMPL(alig_fused, CUDA, m) {
   m.impl("alig_step_", &alig_fused::alig_step_cuda);
   m.impl("alig_sums", &alig_fused::alig_sums_cuda);
   m.impl("alig_update_", &alig_fused::alig_update_cuda);
+  m.impl("alig_apply_", &alig_fused::alig_apply_cuda);
 }
