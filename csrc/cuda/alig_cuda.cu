@@ -1,5 +1,7 @@
-// CUDA kernels of alig_fused::alig_step_: three launches per step whatever the number of
-// tensors (pass 1, finalize, pass 2), all on the current stream, no host sync, no atomics.
+// CUDA passes of alig_fused::alig_step_ (cuda_passes(): the op bodies, argument checks and
+// device guard are alig_ops.cpp's, for every device): three launches per step whatever the
+// number of tensors (pass 1, finalize, pass 2), all on the current stream, no host sync,
+// no atomics.
 // Its halves for sharded parameters: alig_sums (pass 1, reduce) and alig_update_
 // (finalize on the all-reduced sums, pass 2); and alig_apply_ (FusedMoMo: pass 2 alone,
 // from the caller's coefs and skip flag, read on the device like the step's own).
@@ -34,11 +36,9 @@
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
 
 #include <cuda_runtime.h>
 
@@ -55,8 +55,17 @@
 namespace alig_fused {
 namespace {
 
-constexpr int64_t kChunk = 8192;  // elements per block of pass 1 / pass 2
-constexpr int kThreads = 256;     // threads per block of pass 1 / pass 2
+// Elements per block of pass 1 / pass 2. On the GPU a chunk is one block's work: 8,192 =
+// kThreads 256 x 32 elements, i.e. 8 vector loads (kVec 4) per thread and stream, and it
+// sizes the grid: ResNet-50's 25.6M parameters are ~3,100 blocks (~24 per SM of sm_90's
+// 132), and the one-block finalize sums [6][n_chunks] fp32 partials (75 KB there). The CPU
+// (alig_cpu.cpp) and Triton (triton_kernels.py) use 16,384: on the CPU a chunk is the unit
+// of partial sums and of work splitting between a few threads, with a per-chunk cost to
+// amortize; Triton's program runs 8 warps x 64 elements per thread. Untimed here (no GPU):
+// unifying would change the CUDA summation order, not the math (test_gpu_cpp.py compares the
+// CUDA and CPU kernels to 2e-6, not bit for bit).
+constexpr int64_t kChunk = 8192;
+constexpr int kThreads = 256;  // threads per block of pass 1 / pass 2
 constexpr int kFinalizeThreads = 512;
 constexpr int kVec = 4;  // elements per vector load
 constexpr int kTensorCols = 6;
@@ -455,7 +464,7 @@ TableCache& table_cache() {
   return *cache;
 }
 
-// ---- the ops ----------------------------------------------------------------------------
+// ---- one op call's launches ------------------------------------------------------------
 
 // What every launch of one op call needs; keeps the table and the scratch alive.
 struct Launch {
@@ -466,7 +475,8 @@ struct Launch {
   at::Tensor table_tensor, scratch_tensor;
 };
 
-Launch prepare(const StepArgs& args, const at::Device& device) {
+// with_scratch = false (alig_apply_: pass 2 reads the caller's coefs and skip): no scratch.
+Launch prepare(const StepArgs& args, const at::Device& device, bool with_scratch = true) {
   Launch launch;
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
   launch.stream = stream.stream();
@@ -477,7 +487,16 @@ Launch prepare(const StepArgs& args, const at::Device& device) {
   launch.table = {base, base + n_tensors * kTensorCols, base + n_tensors * kTensorCols + n_chunks, n_chunks,
                   args.n_groups};
 
-  // Scratch: [partials f32 | sums f64 | coefs f32 | skip i32], 8-byte aligned sections.
+  launch.scalars = {args.hparams.defined() ? args.hparams.const_data_ptr<double>() : nullptr,
+                    args.loss.defined() ? args.loss.const_data_ptr<double>() : nullptr,
+                    args.grad_scale.defined() ? args.grad_scale.const_data_ptr<float>() : nullptr,
+                    args.found_inf.defined() ? args.found_inf.const_data_ptr<float>() : nullptr,
+                    nullptr,
+                    nullptr};
+  launch.scratch = {};
+  if (!with_scratch) return launch;
+
+  // Scratch: [partials f32 | sums f64 | coefs f32 | skip bool], 8-byte aligned sections.
   const int64_t sums_offset = (sum::kCount * n_chunks * 4 + 7) / 8 * 8;
   const int64_t coefs_offset = sums_offset + args.n_groups * sum::kCount * 8;
   const int64_t skip_offset = (coefs_offset + args.n_groups * coef::kCount * 4 + 7) / 8 * 8;
@@ -485,12 +504,6 @@ Launch prepare(const StepArgs& args, const at::Device& device) {
   uint8_t* raw = launch.scratch_tensor.data_ptr<uint8_t>();
   launch.scratch = {reinterpret_cast<float*>(raw), reinterpret_cast<double*>(raw + sums_offset),
                     reinterpret_cast<float*>(raw + coefs_offset), reinterpret_cast<bool*>(raw + skip_offset)};
-  launch.scalars = {args.hparams.defined() ? args.hparams.const_data_ptr<double>() : nullptr,
-                    args.loss.defined() ? args.loss.const_data_ptr<double>() : nullptr,
-                    args.grad_scale.defined() ? args.grad_scale.const_data_ptr<float>() : nullptr,
-                    args.found_inf.defined() ? args.found_inf.const_data_ptr<float>() : nullptr,
-                    nullptr,
-                    nullptr};
   return launch;
 }
 
@@ -516,44 +529,28 @@ void set_outputs(Launch& l, const at::Tensor& step_size, const at::Tensor& skipp
   l.scalars.skipped_steps = skipped_steps.data_ptr<int64_t>();
 }
 
-void alig_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                    c10::IntArrayRef group_index, const at::Tensor& hparams, const at::Tensor& loss,
-                    const at::Tensor& step_size, const at::Tensor& skipped_steps,
-                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  StepArgs args =
-      check_tensor_args(params, grads, momentum_buffers, group_index, hparams, grad_scale, c10::DeviceType::CUDA);
-  check_step_scalars(args, loss, step_size, skipped_steps, found_inf);
-  const c10::cuda::CUDAGuard guard(hparams.device());
-  Launch launch = prepare(args, hparams.device());
+// ---- the ops' CUDA passes (alig_ops.cpp validates the arguments, sets the device guard
+// and calls these) ---------------------------------------------------------------------------
+
+void step_cuda(const StepArgs& args, const at::Tensor& step_size, const at::Tensor& skipped_steps) {
+  Launch launch = prepare(args, args.device);
   set_outputs(launch, step_size, skipped_steps);
   launch_pass1(launch);
   launch_finalize(launch, launch.scratch.sums, /*reduce=*/true, /*finalize=*/true);
   launch_pass2(launch, launch.scratch.coefs, launch.scratch.skip);
 }
 
-at::Tensor alig_sums_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                          c10::IntArrayRef group_index, const at::Tensor& hparams,
-                          const std::optional<at::Tensor>& grad_scale) {
-  const StepArgs args =
-      check_tensor_args(params, grads, momentum_buffers, group_index, hparams, grad_scale, c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(hparams.device());
-  const Launch launch = prepare(args, hparams.device());
-  at::Tensor sums = at::empty({args.n_groups, sum::kCount}, hparams.options());
+at::Tensor sums_cuda(const StepArgs& args) {
+  const Launch launch = prepare(args, args.device);
+  at::Tensor sums = at::empty({args.n_groups, sum::kCount}, args.hparams.options());
   launch_pass1(launch);
   launch_finalize(launch, sums.data_ptr<double>(), /*reduce=*/true, /*finalize=*/false);
   return sums;
 }
 
-void alig_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                      c10::IntArrayRef group_index, const at::Tensor& hparams, const at::Tensor& sums,
-                      const at::Tensor& loss, const at::Tensor& step_size, const at::Tensor& skipped_steps,
-                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  StepArgs args =
-      check_tensor_args(params, grads, momentum_buffers, group_index, hparams, grad_scale, c10::DeviceType::CUDA);
-  check_step_scalars(args, loss, step_size, skipped_steps, found_inf);
-  check_sums(args, sums);
-  const c10::cuda::CUDAGuard guard(hparams.device());
-  Launch launch = prepare(args, hparams.device());
+void update_cuda(const StepArgs& args, const at::Tensor& sums, const at::Tensor& step_size,
+                 const at::Tensor& skipped_steps) {
+  Launch launch = prepare(args, args.device);
   set_outputs(launch, step_size, skipped_steps);
   // finalize_kernel only reads the sums when it does not reduce.
   launch_finalize(launch, const_cast<double*>(sums.const_data_ptr<double>()), /*reduce=*/false, /*finalize=*/true);
@@ -562,24 +559,16 @@ void alig_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
 
 // Pass 2 alone (FusedMoMo): one launch of the step's pass2_kernel, reading the caller's
 // coefs and skip flag on the device (no host sync; capturable).
-void alig_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                     c10::IntArrayRef group_index, const at::Tensor& coefs, const at::Tensor& skip,
-                     const std::optional<at::Tensor>& grad_scale) {
-  TORCH_CHECK_VALUE(coefs.dim() == 2, "alig_fused: coefs must be a [n_groups, ", coef::kCount, "] tensor");
-  const StepArgs args =
-      check_tensor_lists(params, grads, momentum_buffers, group_index, coefs, grad_scale, c10::DeviceType::CUDA);
-  check_apply_tables(args, coefs, skip);
-  const c10::cuda::CUDAGuard guard(coefs.device());
-  const Launch launch = prepare(args, coefs.device());
+void apply_cuda(const StepArgs& args, const at::Tensor& coefs, const at::Tensor& skip) {
+  const Launch launch = prepare(args, args.device, /*with_scratch=*/false);
   launch_pass2(launch, coefs.const_data_ptr<float>(), skip.const_data_ptr<bool>());
 }
 
 }  // namespace
-}  // namespace alig_fused
 
-TORCH_LIBRARY_IMPL(alig_fused, CUDA, m) {
-  m.impl("alig_step_", &alig_fused::alig_step_cuda);
-  m.impl("alig_sums", &alig_fused::alig_sums_cuda);
-  m.impl("alig_update_", &alig_fused::alig_update_cuda);
-  m.impl("alig_apply_", &alig_fused::alig_apply_cuda);
+const DevicePasses& cuda_passes() {
+  static const DevicePasses passes{step_cuda, sums_cuda, update_cuda, apply_cuda};
+  return passes;
 }
+
+}  // namespace alig_fused
