@@ -8,7 +8,9 @@
 //
 // Device table: ONE int64 tensor per tensor list, built on the host, copied once through
 // pinned memory and cached (TableCache, keyed by the list's pointers, sizes, groups and
-// dtypes; a hit costs one hash of the list). Unlike apex's multi_tensor_apply, which packs
+// dtypes; a hit costs one hash of the list). A CUDA graph that captures a launch holds its
+// own reference to the table (a CUDA user object, see TableCache::hold_for_graph), so the
+// table lives exactly as long as some graph may replay it or the cache keeps it. Unlike apex's multi_tensor_apply, which packs
 // pointers into kernel-argument structs (so a model needs one launch per ~100 tensors),
 // the kernels read the table from global memory, so one launch covers any model.
 //
@@ -45,6 +47,7 @@
 #include <algorithm>
 #include <list>
 #include <mutex>
+#include <optional>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -340,7 +343,7 @@ struct CachedTable {
   at::Tensor host;    // pinned; kept so an in-flight copy always reads live memory
   at::Tensor device;  // the table the kernels read
   int64_t n_chunks = 0;
-  bool captured = false;  // used by a CUDA graph capture: never evicted (the graph holds its address)
+  std::optional<unsigned long long> capture_id;  // the last capture that took a reference
   std::vector<cudaStream_t> streams;  // streams whose kernels read it (recorded with the allocator)
 };
 
@@ -357,10 +360,15 @@ uint64_t hash_words(const std::vector<int64_t>& words) {
 
 class TableCache {
  public:
+  static TableCache& instance() {
+    static TableCache* cache = new TableCache();  // never destroyed: no CUDA calls at exit
+    return *cache;
+  }
+
   // The device table for these tensors (and its chunk count); builds and uploads it
   // (non-blocking, from pinned memory) on a miss. An entry is dropped once kTableCacheSize
-  // other lists have been used since, unless a CUDA graph capture used it (the graph holds
-  // its address). The returned tensor keeps the memory alive for this step either way.
+  // other lists have been used since; a graph that captured it keeps the table itself
+  // alive (hold_for_graph). The returned tensor keeps the memory alive for this step.
   std::pair<at::Tensor, int64_t> get(const StepArgs& args, const at::Device& device,
                                      const c10::cuda::CUDAStream& stream) {
     std::vector<int64_t> key;
@@ -378,13 +386,14 @@ class TableCache {
     C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &capture));
     const bool capturing = capture != cudaStreamCaptureStatusNone;
 
+    if (!capturing) free_released();
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto it = entries_.begin(); it != entries_.end(); ++it) {
       if (it->hash == hash && it->key == key) {
         entries_.splice(entries_.begin(), entries_, it);  // most recently used first
         CachedTable& entry = entries_.front();
-        entry.captured |= capturing;
         use_on(entry, stream);
+        if (capturing) hold_for_graph(entry, stream);
         return {entry.device, entry.n_chunks};
       }
     }
@@ -406,6 +415,48 @@ class TableCache {
     if (std::find(entry.streams.begin(), entry.streams.end(), stream.stream()) != entry.streams.end()) return;
     c10::cuda::CUDACachingAllocator::recordStream(entry.device.storage().data_ptr(), stream);
     entry.streams.push_back(stream.stream());
+  }
+
+  // The graph being captured on `stream` takes one reference to the entry's table: a CUDA
+  // user object owned by the graph, which CUDA releases (release_for_graph) once the graph
+  // and every executable instantiated from it are destroyed. So a replay never reads a freed
+  // table, whether or not the cache has evicted the entry since, and the memory held is
+  // bounded by the live graphs: none is pinned forever, however many captures a run makes.
+  // One reference per capture and table (a graph that captures several steps).
+  void hold_for_graph(CachedTable& entry, const c10::cuda::CUDAStream& stream) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    unsigned long long capture_id = 0;
+    cudaGraph_t graph = nullptr;
+    C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream.stream(), &status, &capture_id, &graph));
+    if (status != cudaStreamCaptureStatusActive || entry.capture_id == capture_id) return;  // invalidated: fails anyway
+    auto* held = new at::Tensor(entry.device);
+    cudaUserObject_t object = nullptr;
+    const cudaError_t created =
+        cudaUserObjectCreate(&object, held, &release_for_graph, 1, cudaUserObjectNoDestructorSync);
+    if (created != cudaSuccess) delete held;
+    C10_CUDA_CHECK(created);
+    const cudaError_t retained = cudaGraphRetainUserObject(graph, object, 1, cudaGraphUserObjectMove);
+    if (retained != cudaSuccess) C10_CUDA_CHECK(cudaUserObjectRelease(object, 1));  // queues held
+    C10_CUDA_CHECK(retained);
+    entry.capture_id = capture_id;
+  }
+
+  // The user object's destructor, on a CUDA-internal thread where no CUDA call is allowed
+  // (and freeing a tensor may make some: the caching allocator's stream events): it only
+  // queues the reference; the next get() outside a capture frees it (free_released).
+  static void CUDART_CB release_for_graph(void* held) {
+    TableCache& cache = instance();
+    std::lock_guard<std::mutex> lock(cache.released_mutex_);
+    cache.released_.push_back(static_cast<at::Tensor*>(held));
+  }
+
+  void free_released() {
+    std::vector<at::Tensor*> released;
+    {
+      std::lock_guard<std::mutex> lock(released_mutex_);
+      released.swap(released_);
+    }
+    for (at::Tensor* table : released) delete table;
   }
 
   static CachedTable build(std::vector<int64_t> key, uint64_t hash, const StepArgs& args, const at::Device& device) {
@@ -447,7 +498,7 @@ class TableCache {
   void evict() {
     size_t kept = 0;
     for (auto it = entries_.begin(); it != entries_.end();) {
-      if (it->captured || ++kept <= kTableCacheSize) {
+      if (++kept <= kTableCacheSize) {
         ++it;
       } else {
         it = entries_.erase(it);
@@ -457,12 +508,11 @@ class TableCache {
 
   std::mutex mutex_;
   std::list<CachedTable> entries_;
+  // Tables whose graphs are gone, to free; its own mutex, as release_for_graph runs on a
+  // CUDA thread while get() may hold mutex_ across CUDA calls.
+  std::mutex released_mutex_;
+  std::vector<at::Tensor*> released_;
 };
-
-TableCache& table_cache() {
-  static TableCache* cache = new TableCache();  // never destroyed: no CUDA calls at exit
-  return *cache;
-}
 
 // ---- one op call's launches ------------------------------------------------------------
 
@@ -481,7 +531,7 @@ Launch prepare(const StepArgs& args, const at::Device& device, bool with_scratch
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
   launch.stream = stream.stream();
   int64_t n_chunks = 0;
-  std::tie(launch.table_tensor, n_chunks) = table_cache().get(args, device, stream);
+  std::tie(launch.table_tensor, n_chunks) = TableCache::instance().get(args, device, stream);
   const int64_t* base = launch.table_tensor.const_data_ptr<int64_t>();
   const int64_t n_tensors = static_cast<int64_t>(args.tensors.size());
   launch.table = {base, base + n_tensors * kTensorCols, base + n_tensors * kTensorCols + n_chunks, n_chunks,
