@@ -42,7 +42,24 @@ else
   out=$(mktemp -d)
   trap 'rm -rf "$out"' EXIT
 fi
-"$CUDA_VENV/bin/python" setup.py -q build_ext --build-temp "$out/temp" --build-lib "$out/lib"
+# ptxas's resource report (-Xptxas -v: registers, stack frame, spills per kernel and
+# architecture) comes with the build itself: nvcc appends NVCC_APPEND_FLAGS to every
+# compile, so nothing is compiled twice. Any spill fails the build (the numbers at the
+# top of csrc/cuda/alig_cuda.cu have none).
+export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }-Xptxas -v"
+"$CUDA_VENV/bin/python" setup.py -q build_ext --build-temp "$out/temp" --build-lib "$out/lib" 2>&1 | tee "$out/build.log"
+reports=$(grep -c "bytes spill stores" "$out/build.log" || true)
+spills=$(grep -E "(^|[^0-9])[1-9][0-9]* bytes spill (stores|loads)" "$out/build.log" || true)
+if [ "$reports" -eq 0 ]; then
+  echo "build_cuda_ext: no ptxas report in the build output (is -Xptxas -v applied?)" >&2
+  exit 1
+fi
+if [ -n "$spills" ]; then
+  echo "build_cuda_ext: ptxas reports register spills in the CUDA kernels:" >&2
+  grep -E -B2 "(^|[^0-9])[1-9][0-9]* bytes spill (stores|loads)" "$out/build.log" >&2
+  exit 1
+fi
+echo "build_cuda_ext: ptxas: $reports kernel reports, no spills"
 so=$(find "$out/lib" -name '_C*.so' | head -n 1)
 if [ -z "$so" ]; then
   echo "build_cuda_ext: no extension was produced" >&2
@@ -73,10 +90,10 @@ fi
 import torch
 import alig_fused._C as C
 assert C.has_cuda(), "built without the CUDA kernels"
-for op in ("alig_step_", "alig_sums", "alig_update_"):
+for op in ("alig_step_", "alig_sums", "alig_update_", "alig_apply_"):
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"alig_fused::{op}", key), (op, key)
-print("build_cuda_ext: alig_fused._C loads; alig_step_, alig_sums, alig_update_ have CPU and CUDA kernels")
+print("build_cuda_ext: alig_fused._C loads; alig_step_, alig_sums, alig_update_, alig_apply_ have CPU and CUDA kernels")
 EOF
 )
 end=$(date +%s)

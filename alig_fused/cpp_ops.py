@@ -1,6 +1,6 @@
 """The C++/CUDA backend: the compiled ops ``torch.ops.alig_fused.alig_step_`` (and its two
 halves for sharded parameters, ``alig_sums`` and ``alig_update_``, and FusedMoMo's pass-2-only
-``alig_apply_``, CPU only; csrc/), their fake kernels, and ``cpp_alig`` with the signature of
+``alig_apply_``; csrc/), their fake kernels, and ``cpp_alig`` with the signature of
 ``functional.torch_alig``.
 
 Importing this module loads the extension (_cpp_loader.py): the prebuilt one if it was

@@ -237,9 +237,7 @@ def _cpp_sums(params, grads, buffers, group_index, hparams, group_hparams, grad_
 
 
 def _cpp_apply(params, grads, buffers, group_index, group_hparams, coefs, skip, grad_scale, cache):
-    if coefs.device.type != "cpu":  # alig_apply_ has CPU kernels only (see csrc/alig_ops.cpp)
-        _torch_apply(params, grads, buffers, group_index, group_hparams, coefs, skip, grad_scale, cache)
-        return
+    # CPU and CUDA kernels; on CUDA the op reads skip on the device (no host sync).
     torch.ops.alig_fused.alig_apply_.default(
         params, grads, buffers, group_index, coefs.to(torch.float32).contiguous(), skip.reshape(()), grad_scale
     )

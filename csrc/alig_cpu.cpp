@@ -1,4 +1,5 @@
-// CPU kernels of alig_fused::alig_step_ (and of its halves alig_sums / alig_update_):
+// CPU passes of alig_fused::alig_step_ (and of its halves alig_sums / alig_update_, and of
+// alig_apply_), for the op bodies of alig_ops.cpp (DevicePasses, cpu_passes()):
 // pass 1, finalize, pass 2 (and the projection's pass 3) over ONE list of fixed-size
 // chunks of all tensors, split
 // between the intra-op threads by one at::parallel_for per pass (the per-tensor cost is a
@@ -13,7 +14,6 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
@@ -31,7 +31,13 @@
 namespace alig_fused {
 namespace {
 
-constexpr int64_t kChunk = 16384;         // elements per chunk (the unit of partial sums)
+// Elements per chunk: the unit of partial sums (one fp64 row per chunk) and of splitting
+// work between threads. 16,384 fp32 = 64 KB per stream, so pass 1's three streams (w, g, b)
+// of one chunk stay in a core's L2; a chunk's fixed cost (kChunkCost 512, ~3%) is paid per
+// 16,384 elements; ResNet-50's 25.6M parameters are ~1,600 chunks, so a split between 2-16
+// threads is uneven by at most one chunk each (<1%). CUDA uses 8,192 (cuda/alig_cuda.cu:
+// there a chunk is one block of 256 threads); Triton 16,384 (triton_kernels.py).
+constexpr int64_t kChunk = 16384;
 constexpr int64_t kBlock = 1024;          // fp32 lane sums go to fp64 every kBlock elements
 constexpr int kLanes = 8;                 // independent fp32 accumulators (one SIMD-friendly row)
 constexpr int64_t kChunkCost = 512;       // a chunk's fixed cost, in elements, for splitting work
@@ -563,6 +569,26 @@ std::vector<double> pass1_sums(const StepArgs& args, const ChunkPlan& plan, Proj
   return sum_by_group(args, plan, partials, sum::kCount);
 }
 
+// Pass 2: one read-modify-write of parameters and buffers, with coefs [n_groups][coef::kCount].
+// With measure_group (per group, 1 = measure), also ||w'||^2 of each chunk of those groups
+// into norm_partials[chunk].
+void pass2_update(const StepArgs& args, const ChunkPlan& plan, const float* coefs, const char* measure_group,
+                  double* norm_partials) {
+  const float inv_scale = inv_scale_of(args);
+  for_each_chunk(plan.work_prefix, plan.total_elements, [&](int64_t c) {
+    const Chunk& chunk = plan.chunks[c];
+    const TensorEntry& t = args.tensors[chunk.tensor];
+    const UpdateCoefs k = load_coefs(coefs + t.group * coef::kCount);
+    double* norm_sq = measure_group != nullptr && measure_group[t.group] ? norm_partials + c : nullptr;
+    dispatch_dtype(t.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      chunk_update<T>(static_cast<T*>(t.param) + chunk.begin, static_cast<const T*>(t.grad) + chunk.begin,
+                      t.buffer ? static_cast<T*>(t.buffer) + chunk.begin : nullptr, chunk.size, inv_scale, k,
+                      norm_sq);
+    });
+  });
+}
+
 // Finalize (functional.finalize, alig_math.h) from the sums, then pass 2 (and, measuring
 // the projection, pass 3) unless the step is skipped.
 void finalize_and_update(const StepArgs& args, const ChunkPlan& plan, const double* sums, const at::Tensor& step_size,
@@ -592,22 +618,8 @@ void finalize_and_update(const StepArgs& args, const ChunkPlan& plan, const doub
     return;
   }
 
-  // Pass 2: one read-modify-write of parameters and buffers (+ ||w'||^2 per chunk).
-  const float inv_scale = inv_scale_of(args);
-  const int64_t n_chunks = static_cast<int64_t>(plan.chunks.size());
-  std::vector<double> norm_partials(measured ? n_chunks : 0, 0.0);
-  for_each_chunk(plan.work_prefix, plan.total_elements, [&](int64_t c) {
-    const Chunk& chunk = plan.chunks[c];
-    const TensorEntry& t = args.tensors[chunk.tensor];
-    const UpdateCoefs k = load_coefs(coefs.data() + t.group * coef::kCount);
-    double* norm_sq = measure_group[t.group] ? norm_partials.data() + c : nullptr;
-    dispatch_dtype(t.dtype, [&](auto tag) {
-      using T = decltype(tag);
-      chunk_update<T>(static_cast<T*>(t.param) + chunk.begin, static_cast<const T*>(t.grad) + chunk.begin,
-                      t.buffer ? static_cast<T*>(t.buffer) + chunk.begin : nullptr, chunk.size, inv_scale, k,
-                      norm_sq);
-    });
-  });
+  std::vector<double> norm_partials(measured ? plan.chunks.size() : 0, 0.0);
+  pass2_update(args, plan, coefs.data(), measured ? measure_group.data() : nullptr, norm_partials.data());
   if (!measured) return;
 
   // Pass 3, for the groups the ball binds: w *= min(1, R / ||w'||).
@@ -631,72 +643,38 @@ void finalize_and_update(const StepArgs& args, const ChunkPlan& plan, const doub
   });
 }
 
-void alig_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                   c10::IntArrayRef group_index, const at::Tensor& hparams, const at::Tensor& loss,
-                   const at::Tensor& step_size, const at::Tensor& skipped_steps,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  StepArgs args =
-      check_tensor_args(params, grads, momentum_buffers, group_index, hparams, grad_scale, c10::DeviceType::CPU);
-  check_step_scalars(args, loss, step_size, skipped_steps, found_inf);
+// ---- the ops' CPU passes (alig_ops.cpp validates the arguments and calls these) -------------
+
+void step_cpu(const StepArgs& args, const at::Tensor& step_size, const at::Tensor& skipped_steps) {
   const ChunkPlan plan = plan_chunks(args);
   const std::vector<double> sums = pass1_sums(args, plan, Projection::kMeasured);
   finalize_and_update(args, plan, sums.data(), step_size, skipped_steps, Projection::kMeasured);
 }
 
-at::Tensor alig_sums_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                         c10::IntArrayRef group_index, const at::Tensor& hparams,
-                         const std::optional<at::Tensor>& grad_scale) {
-  const StepArgs args =
-      check_tensor_args(params, grads, momentum_buffers, group_index, hparams, grad_scale, c10::DeviceType::CPU);
+at::Tensor sums_cpu(const StepArgs& args) {
   const std::vector<double> sums = pass1_sums(args, plan_chunks(args), Projection::kFromSums);
-  at::Tensor out = at::empty({args.n_groups, sum::kCount}, hparams.options());
+  at::Tensor out = at::empty({args.n_groups, sum::kCount}, args.hparams.options());
   std::copy(sums.begin(), sums.end(), out.data_ptr<double>());
   return out;
 }
 
-void alig_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                     c10::IntArrayRef group_index, const at::Tensor& hparams, const at::Tensor& sums,
-                     const at::Tensor& loss, const at::Tensor& step_size, const at::Tensor& skipped_steps,
-                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  StepArgs args =
-      check_tensor_args(params, grads, momentum_buffers, group_index, hparams, grad_scale, c10::DeviceType::CPU);
-  check_step_scalars(args, loss, step_size, skipped_steps, found_inf);
-  check_sums(args, sums);
+void update_cpu(const StepArgs& args, const at::Tensor& sums, const at::Tensor& step_size,
+                const at::Tensor& skipped_steps) {
   finalize_and_update(args, plan_chunks(args), sums.const_data_ptr<double>(), step_size, skipped_steps,
                       Projection::kFromSums);
 }
 
-// Pass 2 alone, from given coefficients (FusedMoMo): the pass 2 of finalize_and_update.
-void alig_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                    c10::IntArrayRef group_index, const at::Tensor& coefs, const at::Tensor& skip,
-                    const std::optional<at::Tensor>& grad_scale) {
-  TORCH_CHECK_VALUE(coefs.dim() == 2, "alig_fused: coefs must be a [n_groups, ", coef::kCount, "] tensor");
-  const StepArgs args =
-      check_tensor_lists(params, grads, momentum_buffers, group_index, coefs, grad_scale, c10::DeviceType::CPU);
-  check_apply_tables(args, coefs, skip);
+// Pass 2 alone, from given coefficients (FusedMoMo): finalize_and_update's pass 2.
+void apply_cpu(const StepArgs& args, const at::Tensor& coefs, const at::Tensor& skip) {
   if (*skip.const_data_ptr<bool>()) return;  // a non-finite g must not reach memory
-  const ChunkPlan plan = plan_chunks(args);
-  const float inv_scale = inv_scale_of(args);
-  const float* coef_rows = coefs.const_data_ptr<float>();
-  for_each_chunk(plan.work_prefix, plan.total_elements, [&](int64_t c) {
-    const Chunk& chunk = plan.chunks[c];
-    const TensorEntry& t = args.tensors[chunk.tensor];
-    const UpdateCoefs k = load_coefs(coef_rows + t.group * coef::kCount);
-    dispatch_dtype(t.dtype, [&](auto tag) {
-      using T = decltype(tag);
-      chunk_update<T>(static_cast<T*>(t.param) + chunk.begin, static_cast<const T*>(t.grad) + chunk.begin,
-                      t.buffer ? static_cast<T*>(t.buffer) + chunk.begin : nullptr, chunk.size, inv_scale, k,
-                      nullptr);
-    });
-  });
+  pass2_update(args, plan_chunks(args), coefs.const_data_ptr<float>(), nullptr, nullptr);
 }
 
 }  // namespace
-}  // namespace alig_fused
 
-TORCH_LIBRARY_IMPL(alig_fused, CPU, m) {
-  m.impl("alig_apply_", &alig_fused::alig_apply_cpu);
-  m.impl("alig_step_", &alig_fused::alig_step_cpu);
-  m.impl("alig_sums", &alig_fused::alig_sums_cpu);
-  m.impl("alig_update_", &alig_fused::alig_update_cpu);
+const DevicePasses& cpu_passes() {
+  static const DevicePasses passes{step_cpu, sums_cpu, update_cpu, apply_cpu};
+  return passes;
 }
+
+}  // namespace alig_fused

@@ -1,8 +1,11 @@
-// The op schemas (alig_fused::alig_step_, alig_sums, alig_update_) and the argument checks
-// shared by their CPU and CUDA kernels. Fake kernels: alig_fused/cpp_ops.py.
+// The ops (alig_fused::alig_step_, alig_sums, alig_update_, alig_apply_): their schemas and
+// their bodies, written once for every device: check the arguments (a ValueError naming the
+// offending tensor, before anything is written), set the device guard, call the device's
+// passes (DevicePasses: alig_cpu.cpp, cuda/alig_cuda.cu). Fake kernels: alig_fused/cpp_ops.py.
 #include "alig_ops.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -67,8 +70,12 @@ at::Tensor scalar_float(const std::optional<at::Tensor>& opt, const at::Device& 
   return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
 }
 
-}  // namespace
+StepArgs check_tensor_lists(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                            c10::IntArrayRef group_index, const at::Tensor& table,
+                            const std::optional<at::Tensor>& grad_scale, c10::DeviceType device_type);
 
+// The tensor lists, hparams and grad_scale of any of the ops (ValueError, naming the
+// offending index, otherwise). Every tensor must be on hparams' device, of `device_type`.
 StepArgs check_tensor_args(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                            c10::IntArrayRef group_index, const at::Tensor& hparams,
                            const std::optional<at::Tensor>& grad_scale, c10::DeviceType device_type) {
@@ -81,6 +88,8 @@ StepArgs check_tensor_args(at::TensorList params, at::TensorList grads, at::Tens
   return args;
 }
 
+// The same for a table other than hparams (alig_apply_'s coefs): n_groups = table.size(0),
+// device = table's; args.hparams stays undefined.
 StepArgs check_tensor_lists(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                             c10::IntArrayRef group_index, const at::Tensor& table,
                             const std::optional<at::Tensor>& grad_scale, c10::DeviceType device_type) {
@@ -92,7 +101,10 @@ StepArgs check_tensor_lists(at::TensorList params, at::TensorList grads, at::Ten
   TORCH_CHECK_VALUE(table.device().type() == device_type, "alig_fused: hparams/coefs is on ", table.device());
   const at::Device device = table.device();
 
+  TORCH_CHECK_VALUE(table.dim() == 2, "alig_fused: hparams/coefs must be a 2-d [n_groups, columns] table, got shape ",
+                    table.sizes());
   StepArgs args;
+  args.device = device;
   args.n_groups = table.size(0);
   args.grad_scale = scalar_float(grad_scale, device, "grad_scale");
   args.tensors.reserve(n);
@@ -120,9 +132,10 @@ StepArgs check_tensor_lists(at::TensorList params, at::TensorList grads, at::Ten
   return args;
 }
 
+// The scalars of a step (loss, outputs, found_inf), added to `args`.
 void check_step_scalars(StepArgs& args, const at::Tensor& loss, const at::Tensor& step_size,
                         const at::Tensor& skipped_steps, const std::optional<at::Tensor>& found_inf) {
-  const at::Device device = args.hparams.device();
+  const at::Device device = args.device;
   TORCH_CHECK_VALUE(loss.numel() == 1 && at::isFloatingType(loss.scalar_type()),
                     "alig_fused: loss must be a floating-point scalar tensor");
   check_device(loss, device, "loss");
@@ -138,15 +151,17 @@ void check_step_scalars(StepArgs& args, const at::Tensor& loss, const at::Tensor
   args.found_inf = scalar_float(found_inf, device, "found_inf");
 }
 
+// The pass-1 sums given to alig_update_: [n_groups, sum::kCount] float64, contiguous.
 void check_sums(const StepArgs& args, const at::Tensor& sums) {
   TORCH_CHECK_VALUE(sums.dim() == 2 && sums.size(0) == args.n_groups && sums.size(1) == sum::kCount &&
                         sums.scalar_type() == at::kDouble && sums.is_contiguous(),
                     "alig_fused: sums must be a contiguous float64 tensor of shape [n_groups = ", args.n_groups,
                     ", ", sum::kCount, "] (alig_sums' result), got ", sums.scalar_type(), " of shape ",
                     sums.sizes());
-  check_device(sums, args.hparams.device(), "sums");
+  check_device(sums, args.device, "sums");
 }
 
+// alig_apply_'s coefs [n_groups, coef::kCount] float32 contiguous and skip (a bool scalar).
 void check_apply_tables(const StepArgs& args, const at::Tensor& coefs, const at::Tensor& skip) {
   TORCH_CHECK_VALUE(coefs.dim() == 2 && coefs.size(1) == coef::kCount && coefs.scalar_type() == at::kFloat &&
                         coefs.is_contiguous(),
@@ -156,6 +171,68 @@ void check_apply_tables(const StepArgs& args, const at::Tensor& coefs, const at:
   check_device(skip, coefs.device(), "skip");
 }
 
+// ---- the ops: one body per op for every device -----------------------------------------
+
+template <c10::DeviceType kDevice>
+const DevicePasses& passes() {
+#ifdef ALIG_WITH_CUDA
+  if constexpr (kDevice == c10::DeviceType::CUDA) return cuda_passes();
+#endif
+  static_assert(kDevice == c10::DeviceType::CPU || kDevice == c10::DeviceType::CUDA);
+  return cpu_passes();
+}
+
+template <c10::DeviceType kDevice>
+void alig_step_op(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                  c10::IntArrayRef group_index, const at::Tensor& hparams, const at::Tensor& loss,
+                  const at::Tensor& step_size, const at::Tensor& skipped_steps,
+                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  StepArgs args = check_tensor_args(params, grads, momentum_buffers, group_index, hparams, grad_scale, kDevice);
+  check_step_scalars(args, loss, step_size, skipped_steps, found_inf);
+  const c10::DeviceGuard guard(args.device);
+  passes<kDevice>().step(args, step_size, skipped_steps);
+}
+
+template <c10::DeviceType kDevice>
+at::Tensor alig_sums_op(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                        c10::IntArrayRef group_index, const at::Tensor& hparams,
+                        const std::optional<at::Tensor>& grad_scale) {
+  const StepArgs args = check_tensor_args(params, grads, momentum_buffers, group_index, hparams, grad_scale, kDevice);
+  const c10::DeviceGuard guard(args.device);
+  return passes<kDevice>().sums(args);
+}
+
+template <c10::DeviceType kDevice>
+void alig_update_op(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                    c10::IntArrayRef group_index, const at::Tensor& hparams, const at::Tensor& sums,
+                    const at::Tensor& loss, const at::Tensor& step_size, const at::Tensor& skipped_steps,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  StepArgs args = check_tensor_args(params, grads, momentum_buffers, group_index, hparams, grad_scale, kDevice);
+  check_step_scalars(args, loss, step_size, skipped_steps, found_inf);
+  check_sums(args, sums);
+  const c10::DeviceGuard guard(args.device);
+  passes<kDevice>().update(args, sums, step_size, skipped_steps);
+}
+
+template <c10::DeviceType kDevice>
+void alig_apply_op(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                   c10::IntArrayRef group_index, const at::Tensor& coefs, const at::Tensor& skip,
+                   const std::optional<at::Tensor>& grad_scale) {
+  const StepArgs args = check_tensor_lists(params, grads, momentum_buffers, group_index, coefs, grad_scale, kDevice);
+  check_apply_tables(args, coefs, skip);
+  const c10::DeviceGuard guard(args.device);
+  passes<kDevice>().apply(args, coefs, skip);
+}
+
+template <c10::DeviceType kDevice>
+void register_ops(torch::Library& m) {
+  m.impl("alig_step_", &alig_step_op<kDevice>);
+  m.impl("alig_sums", &alig_sums_op<kDevice>);
+  m.impl("alig_update_", &alig_update_op<kDevice>);
+  m.impl("alig_apply_", &alig_apply_op<kDevice>);
+}
+
+}  // namespace
 }  // namespace alig_fused
 
 TORCH_LIBRARY(alig_fused, m) {
@@ -179,7 +256,7 @@ TORCH_LIBRARY(alig_fused, m) {
   // Pass 2 alone, given its coefficients [n_groups, 5] (float32, functional.Coef) and the
   // skip flag (bool): w' = (w + a*b - c*g) * scale, b' = mu*b - d*g; nothing written when
   // skip is set. FusedMoMo's finalize (alig_fused/momo.py) computes the coefficients.
-  // CPU only: on CUDA, FusedMoMo's cpp backend runs this pass with torch ops.
+  // CPU and CUDA; on CUDA coefs and skip are read on the device (no host sync, capturable).
   m.def(
       "alig_apply_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, int[] group_index, "
       "Tensor coefs, Tensor skip, Tensor? grad_scale) -> ()");
@@ -230,4 +307,11 @@ TORCH_LIBRARY_FRAGMENT(alig_fused, m) {
   m.def("alig_finalize(Tensor sums, Tensor loss, Tensor hparams, Tensor? found_inf) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(alig_fused, CPU, m) { m.impl("alig_finalize", &alig_fused::alig_finalize_cpu); }
+TORCH_LIBRARY_IMPL(alig_fused, CPU, m) {
+  alig_fused::register_ops<c10::DeviceType::CPU>(m);
+  m.impl("alig_finalize", &alig_fused::alig_finalize_cpu);
+}
+
+#ifdef ALIG_WITH_CUDA
+TORCH_LIBRARY_IMPL(alig_fused, CUDA, m) { alig_fused::register_ops<c10::DeviceType::CUDA>(m); }
+#endif

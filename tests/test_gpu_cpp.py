@@ -92,3 +92,127 @@ def test_reduce_sums_halves():
         cpp_alig(params, grads, buffers, group_index, hparams, loss, step_size, skipped, None, None, {}, **extra)
         results.append(params + buffers + [step_size])
     assert bit_identical(results[0], results[1])
+
+
+def apply_args(device, skip, seed=1):
+    """alig_apply_'s arguments: mixed dtypes, a group without momentum, a multi-chunk tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(5,), (3, 4), (17000,), (9,)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float64]
+    params, grads = ([torch.randn(s, generator=gen).to(device, d) for s, d in zip(shapes, dtypes)] for _ in range(2))
+    buffers = [torch.randn(s, generator=gen).to(device, d) for s, d in zip(shapes, dtypes)]
+    buffers[1] = torch.empty(0, device=device, dtype=dtypes[1])  # group 1: no momentum
+    coefs = torch.tensor([[0.2, 0.05, 0.5, 0.9, 0.97], [0.0, 0.1, 0.0, 0.0, 1.0]], device=device)
+    return params, grads, buffers, [0, 1, 0, 0], coefs, torch.tensor(skip, device=device), torch.tensor(2.0, device=device)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_apply_matches_the_cpu_kernel(skip):
+    """alig_apply_ on CUDA (pass2_kernel with the caller's coefs) writes the CPU kernel's bits:
+    same fp32 operations in the same order, no FMA; a set skip flag writes nothing."""
+    apply_ = torch.ops.alig_fused.alig_apply_.default
+    cpu, gpu = apply_args("cpu", skip), apply_args(CUDA, skip)
+    before = [t.clone() for t in cpu[0] + cpu[2]]
+    apply_(*cpu)
+    apply_(*gpu)
+    assert bit_identical([t.cpu() for t in gpu[0] + gpu[2]], cpu[0] + cpu[2])
+    assert bit_identical(cpu[0] + cpu[2], before) == skip
+
+
+def test_apply_opcheck():
+    torch.library.opcheck(torch.ops.alig_fused.alig_apply_.default, apply_args(CUDA, False))
+
+
+def test_momo_pass2_is_one_launch():
+    """FusedMoMo's cpp backend on CUDA runs pass 2 as alig_apply_'s one pass2_kernel launch."""
+    from alig_fused import FusedMoMo
+
+    params = [torch.randn(s, device=CUDA, requires_grad=True) for s in [(300,), (20, 30), (9,)] * 20]
+    targets = [torch.randn_like(p) for p in params]
+    opt = FusedMoMo(params, lr=0.1, backend="cpp")
+    opt.step(loss=backward(params, targets))
+    loss = backward(params, targets)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        opt.step(loss=loss)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert sum("pass2_kernel" in n for n in names) == 1, names  # 0 with the torch-ops pass 2
+
+
+# ----- the tensor tables' lifetime under CUDA graphs (csrc/cuda/alig_cuda.cu, TableCache) -----
+
+
+def small_args(i):
+    """op_args' kind of arguments, with a first tensor of 1 + i elements: a tensor list (a
+    table-cache key) of its own for each i, with tables of one size."""
+    args = list(op_args(seed=i))
+    gen = torch.Generator().manual_seed(i)
+    for k in range(3):  # params, grads, buffers
+        args[k] = [torch.randn(1 + i, generator=gen).to(CUDA)] + args[k][1:]
+    return args
+
+
+def capture_step(args):
+    step_ = torch.ops.alig_fused.alig_step_.default
+    step_(*args)  # warm-up: the table is built outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step_(*args)
+    return graph
+
+
+def test_replay_after_the_cache_dropped_the_table():
+    """The graph holds its own reference to the table: replays stay right after 12 other
+    lists pushed the entry out of the cache (8 entries) and their memory was reused."""
+    step_ = torch.ops.alig_fused.alig_step_.default
+    captured, eager = op_args(0), op_args(0)
+    graph = capture_step(captured)
+    step_(*eager)  # the warm-up's twin
+    for i in range(12):
+        step_(*small_args(20 + i))
+    junk = [torch.full((64,), -1, dtype=torch.int64, device=CUDA) for _ in range(200)]  # reuses freed blocks
+    for _ in range(3):
+        graph.replay()
+        step_(*eager)
+    torch.cuda.synchronize()
+    assert bit_identical(captured[0] + captured[2] + [captured[6]], eager[0] + eager[2] + [eager[6]])
+    del junk
+
+
+def test_destroyed_graphs_release_their_tables():
+    """32 graphs captured on 32 lists and destroyed leave no table behind (before, every
+    captured table was pinned for the life of the process)."""
+    import time
+
+    step_ = torch.ops.alig_fused.alig_step_.default
+    drain = op_args(0)
+
+    def settle():
+        # CUDA runs a destroyed graph's user-object destructors on its own thread, soon after;
+        # the extension frees the queued tables at its next call outside a capture.
+        torch.cuda.synchronize()
+        time.sleep(0.05)
+        step_(*drain)
+        torch.cuda.synchronize()
+
+    for i in range(8):  # fill the cache: 8 entries either way
+        args = small_args(i)
+        graph = capture_step(args)
+        del graph, args
+    settle()
+    settle()
+    base = torch.cuda.memory_allocated()
+    for i in range(8, 40):
+        args = small_args(i)
+        graph = capture_step(args)
+        graph.replay()
+        del graph, args
+    grown = None
+    for _ in range(40):
+        settle()
+        grown = torch.cuda.memory_allocated() - base
+        if grown <= 0:
+            break
+    assert grown <= 0, f"{grown} bytes still allocated after the graphs were destroyed"

@@ -1,13 +1,19 @@
-// CUDA kernels of alig_fused::alig_step_: three launches per step whatever the number of
-// tensors (pass 1, finalize, pass 2), all on the current stream, no host sync, no atomics.
+// CUDA passes of alig_fused::alig_step_ (cuda_passes(): the op bodies, argument checks and
+// device guard are alig_ops.cpp's, for every device): three launches per step whatever the
+// number of tensors (pass 1, finalize, pass 2), all on the current stream, no host sync,
+// no atomics.
 // Its halves for sharded parameters: alig_sums (pass 1, reduce) and alig_update_
-// (finalize on the all-reduced sums, pass 2).
+// (finalize on the all-reduced sums, pass 2); and alig_apply_ (FusedMoMo: pass 2 alone,
+// from the caller's coefs and skip flag, read on the device like the step's own).
 //
 // Device table: ONE int64 tensor per tensor list, built on the host, copied once through
 // pinned memory and cached (TableCache, keyed by the list's pointers, sizes, groups and
-// dtypes; a hit costs one hash of the list). Unlike apex's multi_tensor_apply, which packs
-// pointers into kernel-argument structs (so a model needs one launch per ~100 tensors),
-// the kernels read the table from global memory, so one launch covers any model.
+// dtypes; a hit costs one hash of the list). A CUDA graph that captures a launch holds its
+// own reference to the table (a CUDA user object, see TableCache::hold_for_graph), so the
+// table lives exactly as long as some graph may replay it or the cache keeps it. Unlike
+// apex's multi_tensor_apply, which packs pointers into kernel-argument structs (so a model
+// needs one launch per ~100 tensors), the kernels read the table from global memory, so
+// one launch covers any model.
 //
 //   word offset                 contents
 //   0                           tensors: n_tensors rows of kTensorCols words:
@@ -20,7 +26,7 @@
 //
 // Per-step scratch (caching allocator, so graph-capturable): partials float [kSums][n_chunks]
 // (column-major, so finalize reads coalesced), sums double [n_groups][kSums], coefs float
-// [n_groups][kCoefs], skip flag int32.
+// [n_groups][kCoefs], skip flag bool (the type of alig_apply_'s skip tensor).
 //
 // Launches (grid = one block per chunk for the passes):
 //   pass1     each block: fp32 sums of its chunk (block tree reduction, fixed order) -> partials
@@ -28,21 +34,21 @@
 //             functional.finalize (alig_math.h) -> coefs, step_size, skipped_steps, skip flag
 //             (alig_sums stops after the sums; alig_update_ starts from given sums)
 //   pass2     each block: returns at once when skip is set, else one read-modify-write of its chunk
+//             (coefs and skip: the finalize's scratch, or alig_apply_'s arguments)
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
 
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <list>
 #include <mutex>
+#include <optional>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -53,8 +59,27 @@
 namespace alig_fused {
 namespace {
 
-constexpr int64_t kChunk = 8192;  // elements per block of pass 1 / pass 2
-constexpr int kThreads = 256;     // threads per block of pass 1 / pass 2
+// Elements per block of pass 1 / pass 2. On the GPU a chunk is one block's work: 8,192 =
+// kThreads 256 x 32 elements, i.e. 8 vector loads (kVec 4) per thread and stream, and it
+// sizes the grid: ResNet-50's 25.6M parameters are ~3,100 blocks (~24 per SM of sm_90's
+// 132), and the one-block finalize sums [6][n_chunks] fp32 partials (75 KB there). The CPU
+// (alig_cpu.cpp) and Triton (triton_kernels.py) use 16,384: on the CPU a chunk is the unit
+// of partial sums and of work splitting between a few threads, with a per-chunk cost to
+// amortize; Triton's program runs 8 warps x 64 elements per thread. Untimed here (no GPU):
+// unifying would change the CUDA summation order, not the math (test_gpu_cpp.py compares the
+// CUDA and CPU kernels to 2e-6, not bit for bit).
+constexpr int64_t kChunk = 8192;
+constexpr int kThreads = 256;  // threads per block of pass 1 / pass 2
+// ptxas -v (CUDA 13.0, this file's flags -O3 --fmad=false; .ci/build_cuda_ext.sh prints it
+// with every CI build and fails on any spill):
+//   kernel           sm_80                         sm_90
+//   pass1_kernel     48 registers, 768 B smem      46 registers, 768 B smem
+//   finalize_kernel  40 registers, 1,545 B smem    40 registers, 1,545 B smem
+//   pass2_kernel     40 registers                  40 registers
+// every kernel: 0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads. With 256
+// threads a block, 65,536 registers per SM hold 5 blocks of pass 1 (48 registers; sm_90's
+// 46 round up to 48) and 6 of pass 2: 62% and 75% of the 2,048 threads an SM can run.
+// __launch_bounds__(kThreads) asks for no minimum blocks, so ptxas is free not to spill.
 constexpr int kFinalizeThreads = 512;
 constexpr int kVec = 4;  // elements per vector load
 constexpr int kTensorCols = 6;
@@ -73,7 +98,7 @@ struct Scratch {
   float* partials;  // [sum::kCount][n_chunks]
   double* sums;     // [n_groups][sum::kCount] (alig_step_; the halves use their own)
   float* coefs;     // [n_groups][coef::kCount]
-  int* skip;
+  bool* skip;
 };
 
 struct StepScalars {
@@ -300,11 +325,14 @@ __device__ void chunk_update(T* w, const T* g, T* b, int64_t n, float inv_scale,
   }
 }
 
-__global__ void __launch_bounds__(kThreads) pass2_kernel(DeviceTable table, Scratch scratch, StepScalars scalars) {
-  if (*scratch.skip) return;  // a skipped step writes nothing (0 * inf = nan)
+// coefs [n_groups][coef::kCount] and skip: finalize_kernel's (alig_step_, alig_update_) or
+// the caller's (alig_apply_), both read here on the device.
+__global__ void __launch_bounds__(kThreads)
+    pass2_kernel(DeviceTable table, const float* coefs, const bool* skip, const float* grad_scale) {
+  if (*skip) return;  // a skipped step writes nothing (0 * inf = nan)
   const ChunkRef ref = chunk_ref(table, blockIdx.x);
-  const UpdateCoefs k = load_coefs(scratch.coefs + ref.group * coef::kCount);
-  const float inv_scale = inverse_grad_scale(scalars.grad_scale);
+  const UpdateCoefs k = load_coefs(coefs + ref.group * coef::kCount);
+  const float inv_scale = inverse_grad_scale(grad_scale);
   const bool has_buffer = ref.row[kBuffer] != 0;
   dispatch_dtype(ref.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -326,7 +354,7 @@ struct CachedTable {
   at::Tensor host;    // pinned; kept so an in-flight copy always reads live memory
   at::Tensor device;  // the table the kernels read
   int64_t n_chunks = 0;
-  bool captured = false;  // used by a CUDA graph capture: never evicted (the graph holds its address)
+  std::optional<unsigned long long> capture_id;  // the last capture that took a reference
   std::vector<cudaStream_t> streams;  // streams whose kernels read it (recorded with the allocator)
 };
 
@@ -343,10 +371,15 @@ uint64_t hash_words(const std::vector<int64_t>& words) {
 
 class TableCache {
  public:
+  static TableCache& instance() {
+    static TableCache* cache = new TableCache();  // never destroyed: no CUDA calls at exit
+    return *cache;
+  }
+
   // The device table for these tensors (and its chunk count); builds and uploads it
   // (non-blocking, from pinned memory) on a miss. An entry is dropped once kTableCacheSize
-  // other lists have been used since, unless a CUDA graph capture used it (the graph holds
-  // its address). The returned tensor keeps the memory alive for this step either way.
+  // other lists have been used since; a graph that captured it keeps the table itself
+  // alive (hold_for_graph). The returned tensor keeps the memory alive for this step.
   std::pair<at::Tensor, int64_t> get(const StepArgs& args, const at::Device& device,
                                      const c10::cuda::CUDAStream& stream) {
     std::vector<int64_t> key;
@@ -364,13 +397,14 @@ class TableCache {
     C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &capture));
     const bool capturing = capture != cudaStreamCaptureStatusNone;
 
+    if (!capturing) free_released();
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto it = entries_.begin(); it != entries_.end(); ++it) {
       if (it->hash == hash && it->key == key) {
         entries_.splice(entries_.begin(), entries_, it);  // most recently used first
         CachedTable& entry = entries_.front();
-        entry.captured |= capturing;
         use_on(entry, stream);
+        if (capturing) hold_for_graph(entry, stream);
         return {entry.device, entry.n_chunks};
       }
     }
@@ -392,6 +426,48 @@ class TableCache {
     if (std::find(entry.streams.begin(), entry.streams.end(), stream.stream()) != entry.streams.end()) return;
     c10::cuda::CUDACachingAllocator::recordStream(entry.device.storage().data_ptr(), stream);
     entry.streams.push_back(stream.stream());
+  }
+
+  // The graph being captured on `stream` takes one reference to the entry's table: a CUDA
+  // user object owned by the graph, which CUDA releases (release_for_graph) once the graph
+  // and every executable instantiated from it are destroyed. So a replay never reads a freed
+  // table, whether or not the cache has evicted the entry since, and the memory held is
+  // bounded by the live graphs: none is pinned forever, however many captures a run makes.
+  // One reference per capture and table (a graph that captures several steps).
+  void hold_for_graph(CachedTable& entry, const c10::cuda::CUDAStream& stream) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    unsigned long long capture_id = 0;
+    cudaGraph_t graph = nullptr;
+    C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream.stream(), &status, &capture_id, &graph));
+    if (status != cudaStreamCaptureStatusActive || entry.capture_id == capture_id) return;  // invalidated: fails anyway
+    auto* held = new at::Tensor(entry.device);
+    cudaUserObject_t object = nullptr;
+    const cudaError_t created =
+        cudaUserObjectCreate(&object, held, &release_for_graph, 1, cudaUserObjectNoDestructorSync);
+    if (created != cudaSuccess) delete held;
+    C10_CUDA_CHECK(created);
+    const cudaError_t retained = cudaGraphRetainUserObject(graph, object, 1, cudaGraphUserObjectMove);
+    if (retained != cudaSuccess) C10_CUDA_CHECK(cudaUserObjectRelease(object, 1));  // queues held
+    C10_CUDA_CHECK(retained);
+    entry.capture_id = capture_id;
+  }
+
+  // The user object's destructor, on a CUDA-internal thread where no CUDA call is allowed
+  // (and freeing a tensor may make some: the caching allocator's stream events): it only
+  // queues the reference; the next get() outside a capture frees it (free_released).
+  static void CUDART_CB release_for_graph(void* held) {
+    TableCache& cache = instance();
+    std::lock_guard<std::mutex> lock(cache.released_mutex_);
+    cache.released_.push_back(static_cast<at::Tensor*>(held));
+  }
+
+  void free_released() {
+    std::vector<at::Tensor*> released;
+    {
+      std::lock_guard<std::mutex> lock(released_mutex_);
+      released.swap(released_);
+    }
+    for (at::Tensor* table : released) delete table;
   }
 
   static CachedTable build(std::vector<int64_t> key, uint64_t hash, const StepArgs& args, const at::Device& device) {
@@ -433,7 +509,7 @@ class TableCache {
   void evict() {
     size_t kept = 0;
     for (auto it = entries_.begin(); it != entries_.end();) {
-      if (it->captured || ++kept <= kTableCacheSize) {
+      if (++kept <= kTableCacheSize) {
         ++it;
       } else {
         it = entries_.erase(it);
@@ -443,14 +519,13 @@ class TableCache {
 
   std::mutex mutex_;
   std::list<CachedTable> entries_;
+  // Tables whose graphs are gone, to free; its own mutex, as release_for_graph runs on a
+  // CUDA thread while get() may hold mutex_ across CUDA calls.
+  std::mutex released_mutex_;
+  std::vector<at::Tensor*> released_;
 };
 
-TableCache& table_cache() {
-  static TableCache* cache = new TableCache();  // never destroyed: no CUDA calls at exit
-  return *cache;
-}
-
-// ---- the ops ----------------------------------------------------------------------------
+// ---- one op call's launches ------------------------------------------------------------
 
 // What every launch of one op call needs; keeps the table and the scratch alive.
 struct Launch {
@@ -461,32 +536,35 @@ struct Launch {
   at::Tensor table_tensor, scratch_tensor;
 };
 
-Launch prepare(const StepArgs& args) {
-  const at::Device device = args.hparams.device();
+// with_scratch = false (alig_apply_: pass 2 reads the caller's coefs and skip): no scratch.
+Launch prepare(const StepArgs& args, const at::Device& device, bool with_scratch = true) {
   Launch launch;
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
   launch.stream = stream.stream();
   int64_t n_chunks = 0;
-  std::tie(launch.table_tensor, n_chunks) = table_cache().get(args, device, stream);
+  std::tie(launch.table_tensor, n_chunks) = TableCache::instance().get(args, device, stream);
   const int64_t* base = launch.table_tensor.const_data_ptr<int64_t>();
   const int64_t n_tensors = static_cast<int64_t>(args.tensors.size());
   launch.table = {base, base + n_tensors * kTensorCols, base + n_tensors * kTensorCols + n_chunks, n_chunks,
                   args.n_groups};
 
-  // Scratch: [partials f32 | sums f64 | coefs f32 | skip i32], 8-byte aligned sections.
+  launch.scalars = {args.hparams.defined() ? args.hparams.const_data_ptr<double>() : nullptr,
+                    args.loss.defined() ? args.loss.const_data_ptr<double>() : nullptr,
+                    args.grad_scale.defined() ? args.grad_scale.const_data_ptr<float>() : nullptr,
+                    args.found_inf.defined() ? args.found_inf.const_data_ptr<float>() : nullptr,
+                    nullptr,
+                    nullptr};
+  launch.scratch = {};
+  if (!with_scratch) return launch;
+
+  // Scratch: [partials f32 | sums f64 | coefs f32 | skip bool], 8-byte aligned sections.
   const int64_t sums_offset = (sum::kCount * n_chunks * 4 + 7) / 8 * 8;
   const int64_t coefs_offset = sums_offset + args.n_groups * sum::kCount * 8;
   const int64_t skip_offset = (coefs_offset + args.n_groups * coef::kCount * 4 + 7) / 8 * 8;
   launch.scratch_tensor = at::empty({skip_offset + 8}, at::TensorOptions().dtype(at::kByte).device(device));
   uint8_t* raw = launch.scratch_tensor.data_ptr<uint8_t>();
   launch.scratch = {reinterpret_cast<float*>(raw), reinterpret_cast<double*>(raw + sums_offset),
-                    reinterpret_cast<float*>(raw + coefs_offset), reinterpret_cast<int*>(raw + skip_offset)};
-  launch.scalars = {args.hparams.const_data_ptr<double>(),
-                    args.loss.defined() ? args.loss.const_data_ptr<double>() : nullptr,
-                    args.grad_scale.defined() ? args.grad_scale.const_data_ptr<float>() : nullptr,
-                    args.found_inf.defined() ? args.found_inf.const_data_ptr<float>() : nullptr,
-                    nullptr,
-                    nullptr};
+                    reinterpret_cast<float*>(raw + coefs_offset), reinterpret_cast<bool*>(raw + skip_offset)};
   return launch;
 }
 
@@ -501,9 +579,9 @@ void launch_finalize(const Launch& l, double* sums, bool reduce, bool finalize) 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void launch_pass2(const Launch& l) {
+void launch_pass2(const Launch& l, const float* coefs, const bool* skip) {
   if (l.table.n_chunks == 0) return;
-  pass2_kernel<<<l.table.n_chunks, kThreads, 0, l.stream>>>(l.table, l.scratch, l.scalars);
+  pass2_kernel<<<l.table.n_chunks, kThreads, 0, l.stream>>>(l.table, coefs, skip, l.scalars.grad_scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -512,55 +590,46 @@ void set_outputs(Launch& l, const at::Tensor& step_size, const at::Tensor& skipp
   l.scalars.skipped_steps = skipped_steps.data_ptr<int64_t>();
 }
 
-void alig_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                    c10::IntArrayRef group_index, const at::Tensor& hparams, const at::Tensor& loss,
-                    const at::Tensor& step_size, const at::Tensor& skipped_steps,
-                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  StepArgs args =
-      check_tensor_args(params, grads, momentum_buffers, group_index, hparams, grad_scale, c10::DeviceType::CUDA);
-  check_step_scalars(args, loss, step_size, skipped_steps, found_inf);
-  const c10::cuda::CUDAGuard guard(hparams.device());
-  Launch launch = prepare(args);
+// ---- the ops' CUDA passes (alig_ops.cpp validates the arguments, sets the device guard
+// and calls these) ---------------------------------------------------------------------------
+
+void step_cuda(const StepArgs& args, const at::Tensor& step_size, const at::Tensor& skipped_steps) {
+  Launch launch = prepare(args, args.device);
   set_outputs(launch, step_size, skipped_steps);
   launch_pass1(launch);
   launch_finalize(launch, launch.scratch.sums, /*reduce=*/true, /*finalize=*/true);
-  launch_pass2(launch);
+  launch_pass2(launch, launch.scratch.coefs, launch.scratch.skip);
 }
 
-at::Tensor alig_sums_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                          c10::IntArrayRef group_index, const at::Tensor& hparams,
-                          const std::optional<at::Tensor>& grad_scale) {
-  const StepArgs args =
-      check_tensor_args(params, grads, momentum_buffers, group_index, hparams, grad_scale, c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(hparams.device());
-  const Launch launch = prepare(args);
-  at::Tensor sums = at::empty({args.n_groups, sum::kCount}, hparams.options());
+at::Tensor sums_cuda(const StepArgs& args) {
+  const Launch launch = prepare(args, args.device);
+  at::Tensor sums = at::empty({args.n_groups, sum::kCount}, args.hparams.options());
   launch_pass1(launch);
   launch_finalize(launch, sums.data_ptr<double>(), /*reduce=*/true, /*finalize=*/false);
   return sums;
 }
 
-void alig_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                      c10::IntArrayRef group_index, const at::Tensor& hparams, const at::Tensor& sums,
-                      const at::Tensor& loss, const at::Tensor& step_size, const at::Tensor& skipped_steps,
-                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  StepArgs args =
-      check_tensor_args(params, grads, momentum_buffers, group_index, hparams, grad_scale, c10::DeviceType::CUDA);
-  check_step_scalars(args, loss, step_size, skipped_steps, found_inf);
-  check_sums(args, sums);
-  const c10::cuda::CUDAGuard guard(hparams.device());
-  Launch launch = prepare(args);
+void update_cuda(const StepArgs& args, const at::Tensor& sums, const at::Tensor& step_size,
+                 const at::Tensor& skipped_steps) {
+  Launch launch = prepare(args, args.device);
   set_outputs(launch, step_size, skipped_steps);
   // finalize_kernel only reads the sums when it does not reduce.
   launch_finalize(launch, const_cast<double*>(sums.const_data_ptr<double>()), /*reduce=*/false, /*finalize=*/true);
-  launch_pass2(launch);
+  launch_pass2(launch, launch.scratch.coefs, launch.scratch.skip);
+}
+
+// Pass 2 alone (FusedMoMo): one launch of the step's pass2_kernel, reading the caller's
+// coefs and skip flag on the device (no host sync; capturable).
+void apply_cuda(const StepArgs& args, const at::Tensor& coefs, const at::Tensor& skip) {
+  const Launch launch = prepare(args, args.device, /*with_scratch=*/false);
+  launch_pass2(launch, coefs.const_data_ptr<float>(), skip.const_data_ptr<bool>());
 }
 
 }  // namespace
-}  // namespace alig_fused
 
-TORCH_LIBRARY_IMPL(alig_fused, CUDA, m) {
-  m.impl("alig_step_", &alig_fused::alig_step_cuda);
-  m.impl("alig_sums", &alig_fused::alig_sums_cuda);
-  m.impl("alig_update_", &alig_fused::alig_update_cuda);
+const DevicePasses& cuda_passes() {
+  static const DevicePasses passes{step_cuda, sums_cuda, update_cuda, apply_cuda};
+  return passes;
 }
+
+}  // namespace alig_fused
