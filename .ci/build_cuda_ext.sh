@@ -4,6 +4,7 @@
 # No GPU needed. Output goes to a temp dir: the project's own install is left alone.
 #
 #   .ci/build_cuda_ext.sh              # venv .venv-cuda (created on first use, ~60 s + ~5.4 GB)
+#   .ci/build_cuda_ext.sh --prepare-only  # only create that venv (no build)
 #   CUDA_VENV=/path TORCH_CUDA_SPEC="torch==2.14.1" CUDA_HOME=/usr/local/cuda .ci/build_cuda_ext.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,10 @@ if ! "$CUDA_VENV/bin/python" -c "import torch, sys; sys.exit(torch.version.cuda 
     { grep -v "^WARNING: Location '.*' is ignored" || true; }
 fi
 installed=$(date +%s)
+if [ "${1:-}" = "--prepare-only" ]; then  # scripts/dev.sh installs it while the tests run
+  echo "build_cuda_ext: venv ready in $((installed - start)) s"
+  exit 0
+fi
 "$CUDA_VENV/bin/python" -c "import torch; print('build_cuda_ext: torch', torch.__version__, 'CUDA', torch.version.cuda)"
 nvcc --version | tail -n 2
 

@@ -47,6 +47,16 @@ setup() {
 
 run_tests() {
     local t0=$SECONDS
+    # The CUDA build of torch for the nvcc check (~100 s, mostly download and unpacking)
+    # installs in the background while the tests run; the build itself waits for it.
+    local cuda_prep="" cuda_log=""
+    if [ "${ALIG_SKIP_CUDA_BUILD:-0}" != "1" ] && [ -f .ci/build_cuda_ext.sh ]; then
+        cuda_log=$(mktemp)
+        nice bash .ci/build_cuda_ext.sh --prepare-only >"$cuda_log" 2>&1 &
+        cuda_prep=$!
+        CUDA_PREP_PID=$cuda_prep
+        trap '[ -z "${CUDA_PREP_PID:-}" ] || kill "$CUDA_PREP_PID" 2>/dev/null || true' EXIT  # a failed test stops it
+    fi
     export ALIG_FUSED_REQUIRE_BACKENDS=${ALIG_FUSED_REQUIRE_BACKENDS:-torch,cpp,triton}
     export ALIG_FUSED_REQUIRE_INTEGRATIONS=${ALIG_FUSED_REQUIRE_INTEGRATIONS:-1}  # transformers, lightning, accelerate
     log "pytest (all backends on CPU; Triton through its interpreter; kernels compiled for sm_80/sm_90)"
@@ -59,8 +69,17 @@ run_tests() {
         log "the sdist installed in a fresh venv: isolated (JIT build on first use) and --no-build-isolation"
         bash .ci/sdist_test.sh
     fi
-    if [ "${ALIG_SKIP_CUDA_BUILD:-0}" != "1" ] && [ -f .ci/build_cuda_ext.sh ]; then
+    if [ -n "$cuda_prep" ]; then
         log "CUDA extension compiled and linked with nvcc (separate venv with the CUDA build of torch)"
+        local prep_status=0
+        wait "$cuda_prep" || prep_status=$?
+        CUDA_PREP_PID=""
+        cat "$cuda_log"
+        rm -f "$cuda_log"
+        if [ "$prep_status" -ne 0 ]; then
+            echo "installing the CUDA build of torch failed (exit $prep_status)" >&2
+            return "$prep_status"
+        fi
         bash .ci/build_cuda_ext.sh
     fi
     log "tests took $((SECONDS - t0)) s"
