@@ -392,7 +392,8 @@ class FusedALIG(Optimizer):
             grads = plan.current_grads()
         if grads is None:  # first step, or the params, their gradients or the state changed
             plan = self._make_plan(group_hparams)
-            if plan is None:  # no gradient anywhere: nothing to do
+            if plan is None:  # no gradient anywhere: nothing to do, once the loss is checked
+                _loss_tensor(loss, torch.device("cpu") if not isinstance(loss, Tensor) else loss.device)
                 self._loss_pending = False
                 if not self._warned_no_grad:
                     self._warned_no_grad = True

@@ -269,3 +269,13 @@ def test_readme_amp_snippet_runs(variant):
     g2 = sum(float((p.grad.double() / scale).norm()) ** 2 for p in model.parameters())
     want = min(HPARAMS["lr"], float(loss.detach()) / (g2 + 1e-5))
     assert float(opt.param_groups[0]["step_size"]) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("bad", ["abc", torch.ones(2), None], ids=["str", "vector", "none"])
+def test_a_bad_loss_is_an_error_even_when_no_parameter_has_a_gradient(bad):
+    """The loss is checked before the no-gradient early return (it used to return silently)."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = FusedALIG([p], lr=1.0, backend="torch")
+    with pytest.raises((TypeError, ValueError), match="loss"):
+        opt.step(loss=bad)
+    assert opt.last_backend is None and torch.equal(p.detach(), torch.ones(3))
