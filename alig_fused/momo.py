@@ -27,7 +27,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from .functional import MAX_GRAD_SQ_NORM, Coef, GroupHParams, ReduceSums, Sum, hparams_table
+from .functional import MAX_GRAD_SQ_NORM, Coef, GroupHParams, StepInputs, Sum, hparams_table
 
 __all__ = ["MomoState", "MomoResult", "momo_finalize", "momo_step", "momo_group_hparams"]
 
@@ -287,36 +287,33 @@ HALVES = {
 
 def momo_step(
     backend: str,
-    params: list[Tensor],
-    grads: list[Tensor],
-    buffers: list[Tensor],
-    group_index: list[int],
-    group_hparams: list[GroupHParams],
-    loss: Tensor,
+    step: StepInputs,
     state: MomoState,
     beta: float,
     initial_lb: float,
     use_fstar: bool,
-    skipped_steps: Tensor,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
     cache: dict | None = None,
-    reduce_sums: ReduceSums | None = None,
 ) -> MomoResult:
-    """One MoMo step: pass 1 (backend), momo_finalize, pass 2 (backend); state updated in place."""
+    """One MoMo step: pass 1 (backend), momo_finalize, pass 2 (backend); state updated in place.
+
+    ``step`` is FusedALIG's step input (``functional.StepInputs``; the buffers are the
+    gradient averages d, ``step_size_out`` is not written: the caller copies ``tau``).
+    """
     if cache is None:
         cache = {}
     halves = HALVES[backend]
+    params, grads, buffers, group_index = step.params, step.grads, step.momentum_buffers, step.group_index
+    group_hparams, loss, grad_scale = step.group_hparams, step.loss, step.grad_scale
     hparams = hparams_table(group_hparams, loss.device, cache)
     sums = halves.sums(params, grads, buffers, group_index, hparams, group_hparams, grad_scale, cache)
-    if reduce_sums is not None:
-        sums, loss = reduce_sums(sums, loss)
-    result = momo_finalize(sums, loss, hparams, state, beta, initial_lb, use_fstar, found_inf)
+    if step.reduce_sums is not None:
+        sums, loss = step.reduce_sums(sums, loss)
+    result = momo_finalize(sums, loss, hparams, state, beta, initial_lb, use_fstar, step.found_inf)
     halves.apply(params, grads, buffers, group_index, group_hparams, result.coefs, result.skip, grad_scale, cache)
     torch._foreach_copy_(
         [state.f_bar, state.gamma_bar, state.lb], [result.f_bar, result.gamma_bar, result.lb]
     )
     not_skipped = (~result.skip).to(torch.int64)
     state.step.add_(not_skipped)
-    skipped_steps.add_(1 - not_skipped)
+    step.skipped_steps.add_(1 - not_skipped)
     return result

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends, distributed
-from .functional import GroupHParams, hparams_table
+from .functional import GroupHParams, StepInputs, hparams_table
 
 __all__ = ["FusedALIG"]
 
@@ -380,12 +380,13 @@ class FusedALIG(Optimizer):
         elif self.average_loss and distributed.is_initialized():
             loss_t = distributed.average_loss(loss_t, self.process_group)
 
-        step_sizes = self._step_size_tensor(device)
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        self._run_backend(
-            backend, params, grads, buffers, group_index, group_hparams, loss_t, step_sizes, grad_scale, found_inf, reduce_sums
+        step = StepInputs(
+            params=params, grads=grads, momentum_buffers=buffers, group_index=group_index, group_hparams=group_hparams,
+            loss=loss_t, step_size_out=self._step_size_tensor(device), skipped_steps=self.skipped_steps,
+            grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
+            reduce_sums=reduce_sums,
         )
+        self._run_backend(backend, step)
         self.last_backend = backend
         if self.projection_fn is not None:
             self.projection_fn()
@@ -399,25 +400,18 @@ class FusedALIG(Optimizer):
     def _group_hparams(self, group: dict) -> GroupHParams:
         return _group_hparams(group)
 
-    def _run_backend(
-        self, backend, params, grads, buffers, group_index, group_hparams, loss, step_sizes, grad_scale, found_inf,
-        reduce_sums,
-    ) -> None:
+    def _run_backend(self, backend: str, step: StepInputs) -> None:
         cache = self._cache.setdefault(backend, {})
         if self._history is None and not self._wants_diagnostics:
-            backends.get(backend)(
-                params, grads, buffers, group_index, group_hparams, loss, step_sizes, self.skipped_steps,
-                grad_scale, found_inf, cache, reduce_sums,
-            )
+            backends.get(backend)(step, cache)
             return
         # Diagnostics: G and the unclipped step are not exported by every backend's fused
         # finalize, so they are recomputed from the loss and G on the device; G comes from
         # pass-1-equivalent foreach norms of the unscaled gradients (one read of g).
         skipped_before = self.skipped_steps.clone()
-        backends.get(backend)(
-            params, grads, buffers, group_index, group_hparams, loss, step_sizes, self.skipped_steps,
-            grad_scale, found_inf, cache, reduce_sums,
-        )
+        backends.get(backend)(step, cache)
+        grads, grad_scale, reduce_sums, loss = step.grads, step.grad_scale, step.reduce_sums, step.loss
+        group_hparams, step_sizes = step.group_hparams, step.step_size_out
         grad_sq_norm = _grad_sq_norm(grads, grad_scale)
         if reduce_sums is not None:  # sharded: local shards' ||g||^2 and the local loss (a second small all-reduce)
             grad_sq_norm, loss = reduce_sums(grad_sq_norm.reshape(1), loss)

@@ -74,7 +74,7 @@ import triton
 import triton.language as tl
 
 from . import triton_tables
-from .functional import Coef, GroupHParams, HParam, ReduceSums, Sum, hparams_table
+from .functional import Coef, HParam, StepInputs, Sum, hparams_table
 
 __all__ = ["triton_alig", "launches", "KERNELS", "CHUNK", "BLOCK"]
 
@@ -470,27 +470,16 @@ def _launch(kernel, grid, *args, **meta) -> None:
     kernel[grid](*args, **meta)
 
 
-def triton_alig(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor],
-    group_index: list[int],
-    group_hparams: list[GroupHParams],
-    loss: Tensor,
-    step_size_out: Tensor,
-    skipped_steps: Tensor,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    cache: dict | None = None,
-    reduce_sums: ReduceSums | None = None,
-) -> None:
-    """One ALI-G step in three Triton launches (the signature of ``functional.torch_alig``).
+def triton_alig(step: StepInputs, cache: dict | None = None) -> None:
+    """One ALI-G step in three Triton launches (a backend: see ``functional.StepInputs``).
 
     Raises ValueError for what the kernels cannot address: non-dense tensors, a gradient or
     buffer laid out unlike its parameter, dtypes
     other than float32/bfloat16/float16, a gradient or buffer whose dtype or shape is not
     its parameter's.
     """
+    group_hparams, loss, grad_scale, found_inf = step.group_hparams, step.loss, step.grad_scale, step.found_inf
+    step_size_out, skipped_steps = step.step_size_out, step.skipped_steps
     if cache is None:
         cache = {}
     device = loss.device
@@ -504,11 +493,11 @@ def triton_alig(
     grad_scale = _as_scalar(grad_scale, torch.float32, "grad_scale", device)
     found_inf = _as_scalar(found_inf, torch.float32, "found_inf", device)
     hparams = hparams_table(group_hparams, device, cache)
-    tables = _tables(params, grads, momentum_buffers, group_index, n_groups, device, cache)
+    tables = _tables(step.params, step.grads, step.momentum_buffers, step.group_index, n_groups, device, cache)
     # Triton launches on the current device: make it the tensors' one (cuda:1 while cuda:0 is current).
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         for kernel, grid, args, meta in launches(
-            tables, hparams, loss, grad_scale, found_inf, step_size_out, skipped_steps, reduce_sums
+            tables, hparams, loss, grad_scale, found_inf, step_size_out, skipped_steps, step.reduce_sums
         ):
             _launch(kernel, grid, *args, **meta)
 

@@ -27,7 +27,7 @@ import triton.language as tl  # noqa: E402
 
 from alig_fused import triton_kernels as tk  # noqa: E402
 from alig_fused import triton_tables  # noqa: E402
-from alig_fused.functional import GroupHParams, torch_alig  # noqa: E402
+from alig_fused.functional import GroupHParams, StepInputs, torch_alig  # noqa: E402
 from harness import FLOOR, assert_follows_reference, bit_identical, make_groups, run_pair, trajectory_error  # noqa: E402
 from reference import ReferenceALIG  # noqa: E402
 
@@ -238,10 +238,11 @@ def hparams(lr=math.inf, momentum=0.0, adjusted=False, max_norm=math.inf, eps=1e
 def call_step(params, grads, buffers, group_index, group_hparams, loss, backend=None, **kwargs):
     step_size = torch.zeros(len(group_hparams))
     skipped = torch.zeros((), dtype=torch.int64)
-    (backend or tk.triton_alig)(
-        params, grads, buffers, group_index, group_hparams, torch.tensor(loss, dtype=torch.float64), step_size,
-        skipped, kwargs.pop("grad_scale", None), kwargs.pop("found_inf", None), kwargs.pop("cache", {}), **kwargs
-    )
+    cache = kwargs.pop("cache", {})
+    (backend or tk.triton_alig)(StepInputs(
+        params=params, grads=grads, momentum_buffers=buffers, group_index=group_index, group_hparams=group_hparams,
+        loss=torch.tensor(loss, dtype=torch.float64), step_size_out=step_size, skipped_steps=skipped, **kwargs,
+    ), cache)
     return step_size, skipped
 
 
