@@ -254,52 +254,82 @@ def torch_alig(step: StepInputs, cache: dict | None = None) -> None:
     # (0 * inf = nan), and foreach has no select: the batch's gradient is first copied with
     # its bits zeroed on a skipped step (an integer multiply by keep_bits; the coefficients
     # are then the identity, so w and b come out bit-identical); w - c*g is w + g*(-c).
-    # The coefficients are float32, the kernels' precision, except for float64 tensors,
-    # which step with the float64 ones (float32 coefficients would cost them ~1e-8 relative
-    # per step).
+    # The coefficients: ``coefficients_by_dtype``.
     keep_bits = (~skip).to(torch.int32)
-    coefs_of = {torch.float32: coefs.to(torch.float32), torch.float64: coefs}
+    coefs_of = coefficients_by_dtype(coefs)
     for k, idx in enumerate(by_group):
         if not idx:
             continue
-        momentum = group_hparams[k].momentum > 0
+        b = momentum_buffers if group_hparams[k].momentum > 0 else None
         project = math.isfinite(group_hparams[k].max_norm)
         measure = project and not analytic_projection
         w_norms: list[Tensor] = []
         parts = _split_float64(idx, params)
         for part in parts:
-            coef_dtype = torch.float64 if params[part[0]].dtype == torch.float64 else torch.float32
-            a, c, d, mu, scale = coefs_of[coef_dtype][k].unbind()
-            neg_c, neg_d = -c, -d
-            w_all = [params[i] for i in part]
-            g = [grads[i] for i in part]
-            lists = (w_all, g, [momentum_buffers[i] for i in part]) if momentum else (w_all, g)
-            for w, g_part, *b_part in _batches(*lists):
-                w32 = _as_float32(w)
-                g32 = _kept_grads32(g_part, inv_scale, keep_bits)
-                if momentum:
-                    b = b_part[0]
-                    b32 = _as_float32(b)
-                    torch._foreach_addcmul_(w32, b32, [a] * len(b32))
-                    torch._foreach_addcmul_(w32, g32, [neg_c] * len(g32))
-                    torch._foreach_mul_(b32, mu)
-                    torch._foreach_addcmul_(b32, g32, [neg_d] * len(g32))
-                    _copy_back(b, b32)
-                else:
-                    torch._foreach_addcmul_(w32, g32, [neg_c] * len(g32))
-                if measure:
-                    w_norms += torch._foreach_norm(w32)  # ||w'|| before rounding to storage
-                elif project:
-                    torch._foreach_mul_(w32, scale)
-                _copy_back(w, w32)
+            w_norms += update_part(params, grads, b, part, coefs_of[_coef_dtype(params[part[0]])][k], inv_scale,
+                                   keep_bits, scale=project and not measure, measure=measure)
         if measure:
             # The projection, measured over the whole group, whatever the dtypes: one more
             # in-place pass (as the C++ CPU op's pass 3), over the stored w' (rounded once
             # more for bf16/fp16, as there).
             measured = torch.where(skip, 1.0, projection_scale(_sq_sum(w_norms), hparams[k, HParam.MAX_NORM]))
             for part in parts:
-                dtype = torch.float64 if params[part[0]].dtype == torch.float64 else torch.float32
-                torch._foreach_mul_([params[i] for i in part], measured.to(dtype))
+                torch._foreach_mul_([params[i] for i in part], measured.to(_coef_dtype(params[part[0]])))
+
+
+def coefficients_by_dtype(coefs: Tensor) -> dict[torch.dtype, Tensor]:
+    """The [n_groups, 5] coefficients per working dtype: float32 (the kernels' precision) for
+    fp32/bf16/fp16 tensors, float64 for float64 tensors (float32 coefficients would cost them
+    ~1e-8 relative per step)."""
+    return {torch.float32: coefs.to(torch.float32), torch.float64: coefs.to(torch.float64)}
+
+
+def _coef_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def update_part(
+    params: list[Tensor],
+    grads: list[Tensor],
+    buffers: list[Tensor] | None,
+    part: list[int],
+    coefs: Tensor,
+    inv_scale: Tensor | None,
+    keep_bits: Tensor,
+    *,
+    scale: bool,
+    measure: bool = False,
+) -> list[Tensor]:
+    """Pass 2 over the tensors ``part`` (indices into the lists) of one group and one
+    coefficient dtype, a batch at a time: w' = (w + a*b - c*g) [* scale], b' = mu*b - d*g
+    (``buffers`` None: the group has no momentum). ``coefs`` is the group's row
+    [Coef.COUNT]. Returns ||w'|| per piece (before rounding to storage) when ``measure``.
+    Also FusedMoMo's torch pass 2 (momo.py)."""
+    a, c, d, mu, factor = coefs.unbind()
+    neg_c, neg_d = -c, -d
+    w_norms: list[Tensor] = []
+    lists = [[params[i] for i in part], [grads[i] for i in part]]
+    if buffers is not None:
+        lists.append([buffers[i] for i in part])
+    for w, g_part, *b_part in _batches(*lists):
+        w32 = _as_float32(w)
+        g32 = _kept_grads32(g_part, inv_scale, keep_bits)
+        if buffers is not None:
+            b = b_part[0]
+            b32 = _as_float32(b)
+            torch._foreach_addcmul_(w32, b32, [a] * len(b32))
+            torch._foreach_addcmul_(w32, g32, [neg_c] * len(g32))
+            torch._foreach_mul_(b32, mu)
+            torch._foreach_addcmul_(b32, g32, [neg_d] * len(g32))
+            _copy_back(b, b32)
+        else:
+            torch._foreach_addcmul_(w32, g32, [neg_c] * len(g32))
+        if measure:
+            w_norms += torch._foreach_norm(w32)
+        elif scale:
+            torch._foreach_mul_(w32, factor)
+        _copy_back(w, w32)
+    return w_norms
 
 
 # Pieces and batches of the torch path (elements). fp32 norms of pieces of 2^17 elements,
