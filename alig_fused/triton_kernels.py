@@ -584,24 +584,11 @@ def _tables(params, grads, buffers, group_index, n_groups, device, cache) -> _Ta
         raise ValueError("triton backend: params, grads, momentum_buffers and group_index differ in length")
     addresses = list(map(Tensor.data_ptr, itertools.chain(params, grads)))
     buffer_ids = list(map(id, buffers))  # ids, not the tensors: == on tensors compares values
-    key = cache.get("tables_key")
-    if (key is None or key[0] != (CHUNK, n_groups, device) or key[1] != addresses or key[2] != buffer_ids
-            or key[3] != group_index):
-        if triton_tables.capturing(device):
-            raise RuntimeError(
-                "triton backend: the tensors or groups changed while a CUDA graph is being captured, so the "
-                "step would build new device tables inside the capture; run one eager step with these tensors "
-                "before capturing (the warm-up torch.cuda.graphs asks for)"
-            )
-        cache["tables"] = _build_tables(params, grads, buffers, group_index, n_groups, device, CHUNK)
-        # (the buffers themselves too: while they are held, no other object can take their ids)
-        cache["tables_key"] = ((CHUNK, n_groups, device), addresses, buffer_ids, list(group_index), list(buffers))
-        rebuilt = True
-    else:
-        rebuilt = False
-    tables = cache["tables"]
-    triton_tables.keep_alive(tables, device, cache, rebuilt)
-    return tables
+    return triton_tables.cached_tables(
+        cache, ((CHUNK, n_groups, device), addresses, buffer_ids, group_index), device,
+        lambda: _build_tables(params, grads, buffers, group_index, n_groups, device, CHUNK), "triton backend",
+        held=buffers,
+    )
 
 
 def _build_tables(params, grads, buffers, group_index, n_groups, device, chunk) -> _Tables:

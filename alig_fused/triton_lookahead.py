@@ -212,23 +212,13 @@ def _tables(fast, slow, device, cache) -> _Tables:
     max_programs = _max_programs(device, cache)
     addresses = list(map(Tensor.data_ptr, fast))
     slow_ids = list(map(id, slow))  # ids, not the tensors: == on tensors compares values
-    key = cache.get("tables_key")
-    if key is None or key[0] != (CHUNK, max_programs, device) or key[1] != addresses or key[2] != slow_ids:
-        if triton_tables.capturing(device):
-            raise RuntimeError(
-                "triton lookahead: the parameters or slow weights changed while a CUDA graph is being captured, "
-                "so the update would build a new device table inside the capture; run one eager step with these "
-                "tensors before capturing"
-            )
+
+    def build() -> _Tables:
         tickets = cache["tables"].tickets if "tables" in cache else None  # 0 after every launch: reusable
-        cache["tables"] = _build_tables(fast, slow, device, CHUNK, max_programs, tickets)
-        cache["tables_key"] = ((CHUNK, max_programs, device), addresses, slow_ids, list(slow))  # held: ids unique
-        rebuilt = True
-    else:
-        rebuilt = False
-    tables = cache["tables"]
-    triton_tables.keep_alive(tables, device, cache, rebuilt)
-    return tables
+        return _build_tables(fast, slow, device, CHUNK, max_programs, tickets)
+
+    return triton_tables.cached_tables(cache, ((CHUNK, max_programs, device), addresses, slow_ids), device, build,
+                                       "triton lookahead", held=slow)
 
 
 def _build_tables(fast, slow, device, chunk, max_programs, tickets=None) -> _Tables:
