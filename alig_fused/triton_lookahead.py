@@ -28,7 +28,8 @@ writes it unless they know that the others have read it. Each program reads the 
 with a scalar atomic (one thread, the value broadcast to the program) and then takes a
 ticket (``atomic_add`` on an int32 word, acq_rel: the read is ordered before it). The
 program that takes the last ticket, n_programs - 1, knows every program has read the
-counter: it writes ``step`` and puts the ticket word back to 0 for the next launch. The
+counter: it writes ``step`` and puts the ticket word back to 0 for the next launch (a
+launch that raises has the launcher clear it instead: ``triton_lookahead``). The
 grid is persistent (at most ``PROGRAMS_PER_SM`` programs per SM, each looping over chunks)
 so a step costs ~2 x (4 x SMs) same-address atomics, not two per chunk.
 
@@ -181,7 +182,16 @@ def triton_lookahead(fast: list[Tensor], slow: list[Tensor], step: Tensor, alpha
     tables = _tables(fast, slow, device, cache)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         for kernel, grid, args, meta in launches(tables, step, alpha, k):
-            _launch(kernel, grid, *args, **meta)
+            try:
+                _launch(kernel, grid, *args, **meta)
+            except BaseException:
+                # A launch that raised (the interpreter running a program that fails, an
+                # interrupt) may have left tickets taken, and then in every later launch the
+                # program with ticket n_programs - 1 is not the last to read the counter:
+                # programs disagree on the step, silently (tests/test_triton_lookahead.py).
+                # Clear the word; on a GPU an async fill, ordered before the next launch.
+                tables.tickets.zero_()
+                raise
 
 
 def launches(tables: _Tables, step: Tensor, alpha: float, k: int):
