@@ -200,6 +200,10 @@ class StepInputs:
     # sharded parameters: ``sums, loss = reduce_sums(sums, loss)`` between pass 1 and the
     # finalize (one all-reduce of the [n_groups, 6] float64 sums and the loss)
     reduce_sums: ReduceSums | None = None
+    # ``list(map(Tensor.const_data_ptr, grads))`` when the caller has read it (FusedALIG's per-step
+    # check of the gradients does), else None: a backend that recognises tensors by address
+    # (triton's table cache) uses it instead of reading the addresses again
+    grad_addresses: list[int] | None = None
 
 
 # ---------------------------------------------------------------------------------------

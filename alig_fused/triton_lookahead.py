@@ -221,14 +221,13 @@ def _tables(fast, slow, device, cache) -> _Tables:
         raise ValueError(f"triton lookahead: {len(fast)} parameters but {len(slow)} slow weights")
     max_programs = _max_programs(device, cache)
     addresses = list(map(Tensor.data_ptr, fast))
-    slow_ids = list(map(id, slow))  # ids, not the tensors: == on tensors compares values
 
     def build() -> _Tables:
         tickets = cache["tables"].tickets if "tables" in cache else None  # 0 after every launch: reusable
         return _build_tables(fast, slow, device, CHUNK, max_programs, tickets)
 
-    return triton_tables.cached_tables(cache, ((CHUNK, max_programs, device), addresses, slow_ids), device, build,
-                                       "triton lookahead", held=slow)
+    return triton_tables.cached_tables(cache, ((CHUNK, max_programs, device), addresses), slow, device, build,
+                                       "triton lookahead")
 
 
 def _build_tables(fast, slow, device, chunk, max_programs, tickets=None) -> _Tables:

@@ -18,6 +18,7 @@ on the host and cached by the launchers while the tensors do not change)::
 
 from __future__ import annotations
 
+import operator
 from typing import Callable, NamedTuple, TypeVar
 
 import torch
@@ -45,19 +46,21 @@ def current_stream(device: torch.device):
 Tables = TypeVar("Tables", bound=tuple)
 
 
-def cached_tables(cache: dict, key: tuple, device: torch.device, build: Callable[[], Tables], who: str,
-                  held: object = None) -> Tables:
-    """``cache["tables"]``, made by ``build()`` again only when ``key`` changed; kept alive.
+def cached_tables(cache: dict, key: tuple, objects: list, device: torch.device, build: Callable[[], Tables],
+                  who: str) -> Tables:
+    """``cache["tables"]``, made by ``build()`` again only when ``key`` or ``objects`` changed;
+    kept alive.
 
-    ``key`` is compared with the last one in one tuple compare (its lists: C-level ``==``);
-    the launchers make it of C-level passes over the tensors (``data_ptr``s, ``id``s), so a
-    cache hit costs no per-tensor Python code. ``held`` (a list: copied on a rebuild only,
-    as the key's lists) is kept with the key: the objects whose ``id``s are in it (while
-    held, no other object can take their ids). A rebuild during a
-    CUDA graph capture is an error (the graph would bake in tables made inside it); then
-    ``keep_alive``.
+    ``key`` is compared with the last one in one tuple compare (its lists: C-level ``==``),
+    ``objects`` (tensors recognised as objects: the momentum buffers, the slow weights) with
+    the last ones by identity (``is``, a C-level pass; the cache holds them); the launchers
+    make ``key`` of C-level passes too (``data_ptr``s), so a cache hit costs no per-tensor
+    Python code. A rebuild during a CUDA graph capture is an error (the graph would bake in
+    tables made inside it); then ``keep_alive``.
     """
-    if cache.get("tables_key") != key:
+    held = cache.get("tables_objects")
+    if (cache.get("tables_key") != key or len(held) != len(objects)
+            or not all(map(operator.is_, objects, held))):
         if capturing(device):
             raise RuntimeError(
                 f"{who}: the tensors or groups changed while a CUDA graph is being captured, so the step would "
@@ -66,7 +69,7 @@ def cached_tables(cache: dict, key: tuple, device: torch.device, build: Callable
             )
         cache["tables"] = build()
         cache["tables_key"] = tuple(list(part) if isinstance(part, list) else part for part in key)  # copies
-        cache["tables_held"] = list(held) if isinstance(held, list) else held
+        cache["tables_objects"] = list(objects)
         rebuilt = True
     else:
         rebuilt = False
