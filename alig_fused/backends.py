@@ -34,7 +34,15 @@ def _runs_anywhere(device: torch.device) -> str:
 
 @dataclass(frozen=True)
 class Backend:
-    """One implementation of the step (the signature of ``functional.torch_alig``)."""
+    """One implementation of the step.
+
+    The contract: ``load()`` returns ``step_fn(inputs: functional.StepInputs, cache: dict)
+    -> None``. It reads the inputs (the flat tensor lists, the groups' hyper-parameters, the
+    loss, GradScaler's scale and flag, an optional ``reduce_sums``), updates the parameters
+    and momentum buffers in place, writes ``inputs.step_size_out`` and adds the skip to
+    ``inputs.skipped_steps``, all without a host sync; ``cache`` is its own, kept by the
+    optimizer between steps. It raises ValueError for tensors it cannot address.
+    """
 
     name: str
     load: Callable[[], Callable]  # imports and returns the step function (may raise)

@@ -58,17 +58,19 @@ def load_example(name: str) -> ModuleType | None:
     path = os.path.join(EXAMPLES_DIR, f"{name}.py")
     if not os.path.isfile(path):
         return None
-    module_name = f"alig_fused_examples_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # dataclasses look their module up while the file runs
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[module_name]
-            raise
-    return sys.modules[module_name]
+    # A module of the package alig_fused_examples (examples/ under another name than
+    # "examples", which may be taken), so that the demos' relative imports (examples/outputs.py)
+    # work as under python -m examples.<name>.
+    if EXAMPLES_PACKAGE not in sys.modules or sys.modules[EXAMPLES_PACKAGE].__path__ != [EXAMPLES_DIR]:
+        init = os.path.join(EXAMPLES_DIR, "__init__.py")
+        spec = importlib.util.spec_from_file_location(EXAMPLES_PACKAGE, init, submodule_search_locations=[EXAMPLES_DIR])
+        package = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(package)
+        sys.modules[EXAMPLES_PACKAGE] = package
+    return importlib.import_module(f"{EXAMPLES_PACKAGE}.{name}")
+
+
+EXAMPLES_PACKAGE = "alig_fused_examples"
 
 
 def _run_example(name: str, command: str, argv: list[str]) -> int:

@@ -1,7 +1,7 @@
 """The C++/CUDA backend: the compiled ops ``torch.ops.alig_fused.alig_step_`` (and its two
 halves for sharded parameters, ``alig_sums`` and ``alig_update_``, and FusedMoMo's pass-2-only
-``alig_apply_``; csrc/), their fake kernels, and ``cpp_alig`` with the signature of
-``functional.torch_alig``.
+``alig_apply_``; csrc/), their fake kernels, and ``cpp_alig``, the step
+function (the backend contract: ``functional.StepInputs``).
 
 Importing this module loads the extension (_cpp_loader.py): the prebuilt one if it was
 built for this torch, else a just-in-time build; ExtensionUnavailable (an ImportError)
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ._cpp_loader import ExtensionUnavailable, load_extension
-from .functional import Coef, GroupHParams, ReduceSums, Sum, hparams_table
+from .functional import Coef, StepInputs, Sum, hparams_table
 
 __all__ = ["cpp_alig", "has_device", "ExtensionUnavailable"]
 
@@ -69,47 +69,22 @@ def has_device(device_type: str) -> bool:
     return False
 
 
-def cpp_alig(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor],
-    group_index: list[int],
-    group_hparams: list[GroupHParams],
-    loss: Tensor,
-    step_size_out: Tensor,
-    skipped_steps: Tensor,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    cache: dict | None = None,
-    reduce_sums: ReduceSums | None = None,
-) -> None:
-    """One ALI-G step with the compiled kernels (the signature of ``functional.torch_alig``).
+def cpp_alig(step: StepInputs, cache: dict | None = None) -> None:
+    """One ALI-G step with the compiled kernels (a backend: see ``functional.StepInputs``).
 
     Tensors must be contiguous (or dense with the same strides as their parameter); the
     op raises ValueError otherwise. With ``reduce_sums`` (sharded parameters) the step runs
     as two ops, alig_sums and alig_update_, with ``reduce_sums(sums, loss)`` between them.
     """
-    hparams = hparams_table(group_hparams, loss.device, cache)
-    if reduce_sums is None:
-        _alig_step(
-            params, grads, momentum_buffers, group_index, hparams, loss, step_size_out, skipped_steps, grad_scale, found_inf
-        )
+    params, grads, buffers, group_index = step.params, step.grads, step.momentum_buffers, step.group_index
+    hparams = hparams_table(step.group_hparams, step.loss.device, cache)
+    outputs = (step.step_size_out, step.skipped_steps, step.grad_scale, step.found_inf)
+    if step.reduce_sums is None:
+        _alig_step(params, grads, buffers, group_index, hparams, step.loss, *outputs)
         return
-    sums = _alig_sums(params, grads, momentum_buffers, group_index, hparams, grad_scale)
-    sums, loss = reduce_sums(sums, loss)
-    _alig_update(
-        params,
-        grads,
-        momentum_buffers,
-        group_index,
-        hparams,
-        sums.to(torch.float64).contiguous(),
-        loss,
-        step_size_out,
-        skipped_steps,
-        grad_scale,
-        found_inf,
-    )
+    sums = _alig_sums(params, grads, buffers, group_index, hparams, step.grad_scale)
+    sums, loss = step.reduce_sums(sums, step.loss)
+    _alig_update(params, grads, buffers, group_index, hparams, sums.to(torch.float64).contiguous(), loss, *outputs)
 
 
 _alig_step = torch.ops.alig_fused.alig_step_.default

@@ -1,4 +1,4 @@
-"""The ALI-G step: one math definition, several implementations with one signature.
+"""The ALI-G step: one math definition, several implementations of one contract (``StepInputs``).
 
 Every backend performs the plan of docs/design.md §3:
 
@@ -16,6 +16,7 @@ them to a plain per-parameter loop.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
@@ -27,6 +28,7 @@ __all__ = [
     "Coef",
     "GroupHParams",
     "MAX_GRAD_SQ_NORM",
+    "StepInputs",
     "finalize",
     "torch_alig",
 ]
@@ -164,37 +166,60 @@ def projection_scale(norm_sq: Tensor, max_norm: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------
+# The backend contract: ``backend(StepInputs(...), cache) -> None`` (backends.py registers
+# each; docs/backends.md, "Adding a backend").
+# ---------------------------------------------------------------------------------------
+
+ReduceSums = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor]"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepInputs:
+    """What one ALI-G step hands its backend: every backend is ``step(inputs, cache) -> None``.
+
+    Built once per step by FusedALIG from its step plan (keyword-only: ~1 us, the lists are
+    the plan's own, not copies). A backend reads these and writes only the parameters, the
+    momentum buffers, ``step_size_out`` and ``skipped_steps``; ``cache`` (the second
+    argument) is a dict the optimizer keeps between steps, private to the backend.
+    """
+
+    params: list[Tensor]  # flat over all groups: only tensors that have a gradient
+    grads: list[Tensor]  # same order, each its parameter's dtype, shape, device and layout
+    # same order; an EMPTY tensor (numel 0) for a tensor whose group has momentum == 0
+    # (never read, never written)
+    momentum_buffers: list[Tensor]
+    group_index: list[int]  # the group of tensor i, 0 .. n_groups - 1
+    # per group, host numbers (backends branch on them statically); lr may be a 1-element
+    # device tensor, never read on the host (``hparams_table`` copies it on the device)
+    group_hparams: list[GroupHParams]
+    loss: Tensor  # 0-dim float64 on the parameters' device
+    step_size_out: Tensor  # [n_groups] float32: written with each group's step size
+    skipped_steps: Tensor  # 0-dim int64: += 1 when the step is skipped
+    grad_scale: Tensor | None = None  # GradScaler's scale (0-dim float32): g = grad / grad_scale
+    found_inf: Tensor | None = None  # GradScaler's flag (0-dim float32): > 0 skips the step
+    # sharded parameters: ``sums, loss = reduce_sums(sums, loss)`` between pass 1 and the
+    # finalize (one all-reduce of the [n_groups, 6] float64 sums and the loss)
+    reduce_sums: ReduceSums | None = None
+    # ``list(map(Tensor.const_data_ptr, grads))`` when the caller has read it (FusedALIG's per-step
+    # check of the gradients does), else None: a backend that recognises tensors by address
+    # (triton's table cache) uses it instead of reading the addresses again
+    grad_addresses: list[int] | None = None
+
+
+# ---------------------------------------------------------------------------------------
 # The pure-torch path: foreach ops, grouped by dtype, no host sync.
 # ---------------------------------------------------------------------------------------
 
 
-def torch_alig(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor],
-    group_index: list[int],
-    group_hparams: list[GroupHParams],
-    loss: Tensor,
-    step_size_out: Tensor,
-    skipped_steps: Tensor,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    cache: dict | None = None,
-    reduce_sums: ReduceSums | None = None,
-) -> None:
-    """One ALI-G step with foreach ops (the signature every backend shares).
+def torch_alig(step: StepInputs, cache: dict | None = None) -> None:
+    """One ALI-G step with foreach ops (a backend: see ``StepInputs``).
 
-    params/grads/momentum_buffers are flat lists over all groups; ``group_index[i]`` is the
-    group of tensor i; a tensor of a group without momentum has an empty buffer.
-    ``group_hparams`` holds each group's hyper-parameters as host numbers (branching on
-    them is static, not data-dependent); ``loss`` is a 0-dim tensor on the parameters'
-    device; ``cache`` is a dict the caller keeps between steps for the backend. Writes the
-    step size of each group into ``step_size_out`` and adds 1 to ``skipped_steps`` when
-    the step is skipped (non-finite loss or gradient, or ``found_inf``).
-    ``reduce_sums(sums, loss) -> (sums, loss)``, when given, runs between pass 1 and the
-    finalize (the optimizer passes one when parameters are sharded across ranks: a single
-    all-reduce of the pass-1 sums and the loss).
+    Without ``reduce_sums`` the projection is measured after the update (one more norm
+    pass); with it, it comes from the pass-1 sums so that they travel in one all-reduce.
     """
+    params, grads, momentum_buffers = step.params, step.grads, step.momentum_buffers
+    group_index, group_hparams, loss = step.group_index, step.group_hparams, step.loss
+    grad_scale, found_inf, reduce_sums = step.grad_scale, step.found_inf, step.reduce_sums
     n_groups = len(group_hparams)
     device = loss.device
     hparams = hparams_table(group_hparams, device, cache)
@@ -223,8 +248,8 @@ def torch_alig(
         sums, loss = reduce_sums(sums, loss)
 
     step_size, coefs, skip = finalize(sums, loss, hparams, None, found_inf)
-    step_size_out.copy_(step_size)
-    skipped_steps.add_(skip.to(skipped_steps.dtype))
+    step.step_size_out.copy_(step_size)
+    step.skipped_steps.add_(skip.to(step.skipped_steps.dtype))
 
     # Pass 2: w' = (w + a*b - c*g) * scale (with the old buffer), b' = mu*b - d*g, one batch
     # at a time: the batch's fp32 temporaries stay in cache, so the few foreach ops over a
@@ -233,52 +258,82 @@ def torch_alig(
     # (0 * inf = nan), and foreach has no select: the batch's gradient is first copied with
     # its bits zeroed on a skipped step (an integer multiply by keep_bits; the coefficients
     # are then the identity, so w and b come out bit-identical); w - c*g is w + g*(-c).
-    # The coefficients are float32, the kernels' precision, except for float64 tensors,
-    # which step with the float64 ones (float32 coefficients would cost them ~1e-8 relative
-    # per step).
+    # The coefficients: ``coefficients_by_dtype``.
     keep_bits = (~skip).to(torch.int32)
-    coefs_of = {torch.float32: coefs.to(torch.float32), torch.float64: coefs}
+    coefs_of = coefficients_by_dtype(coefs)
     for k, idx in enumerate(by_group):
         if not idx:
             continue
-        momentum = group_hparams[k].momentum > 0
+        b = momentum_buffers if group_hparams[k].momentum > 0 else None
         project = math.isfinite(group_hparams[k].max_norm)
         measure = project and not analytic_projection
         w_norms: list[Tensor] = []
         parts = _split_float64(idx, params)
         for part in parts:
-            coef_dtype = torch.float64 if params[part[0]].dtype == torch.float64 else torch.float32
-            a, c, d, mu, scale = coefs_of[coef_dtype][k].unbind()
-            neg_c, neg_d = -c, -d
-            w_all = [params[i] for i in part]
-            g = [grads[i] for i in part]
-            lists = (w_all, g, [momentum_buffers[i] for i in part]) if momentum else (w_all, g)
-            for w, g_part, *b_part in _batches(*lists):
-                w32 = _as_float32(w)
-                g32 = _kept_grads32(g_part, inv_scale, keep_bits)
-                if momentum:
-                    b = b_part[0]
-                    b32 = _as_float32(b)
-                    torch._foreach_addcmul_(w32, b32, [a] * len(b32))
-                    torch._foreach_addcmul_(w32, g32, [neg_c] * len(g32))
-                    torch._foreach_mul_(b32, mu)
-                    torch._foreach_addcmul_(b32, g32, [neg_d] * len(g32))
-                    _copy_back(b, b32)
-                else:
-                    torch._foreach_addcmul_(w32, g32, [neg_c] * len(g32))
-                if measure:
-                    w_norms += torch._foreach_norm(w32)  # ||w'|| before rounding to storage
-                elif project:
-                    torch._foreach_mul_(w32, scale)
-                _copy_back(w, w32)
+            w_norms += update_part(params, grads, b, part, coefs_of[_coef_dtype(params[part[0]])][k], inv_scale,
+                                   keep_bits, scale=project and not measure, measure=measure)
         if measure:
             # The projection, measured over the whole group, whatever the dtypes: one more
             # in-place pass (as the C++ CPU op's pass 3), over the stored w' (rounded once
             # more for bf16/fp16, as there).
             measured = torch.where(skip, 1.0, projection_scale(_sq_sum(w_norms), hparams[k, HParam.MAX_NORM]))
             for part in parts:
-                dtype = torch.float64 if params[part[0]].dtype == torch.float64 else torch.float32
-                torch._foreach_mul_([params[i] for i in part], measured.to(dtype))
+                torch._foreach_mul_([params[i] for i in part], measured.to(_coef_dtype(params[part[0]])))
+
+
+def coefficients_by_dtype(coefs: Tensor) -> dict[torch.dtype, Tensor]:
+    """The [n_groups, 5] coefficients per working dtype: float32 (the kernels' precision) for
+    fp32/bf16/fp16 tensors, float64 for float64 tensors (float32 coefficients would cost them
+    ~1e-8 relative per step)."""
+    return {torch.float32: coefs.to(torch.float32), torch.float64: coefs.to(torch.float64)}
+
+
+def _coef_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def update_part(
+    params: list[Tensor],
+    grads: list[Tensor],
+    buffers: list[Tensor] | None,
+    part: list[int],
+    coefs: Tensor,
+    inv_scale: Tensor | None,
+    keep_bits: Tensor,
+    *,
+    scale: bool,
+    measure: bool = False,
+) -> list[Tensor]:
+    """Pass 2 over the tensors ``part`` (indices into the lists) of one group and one
+    coefficient dtype, a batch at a time: w' = (w + a*b - c*g) [* scale], b' = mu*b - d*g
+    (``buffers`` None: the group has no momentum). ``coefs`` is the group's row
+    [Coef.COUNT]. Returns ||w'|| per piece (before rounding to storage) when ``measure``.
+    Also FusedMoMo's torch pass 2 (momo.py)."""
+    a, c, d, mu, factor = coefs.unbind()
+    neg_c, neg_d = -c, -d
+    w_norms: list[Tensor] = []
+    lists = [[params[i] for i in part], [grads[i] for i in part]]
+    if buffers is not None:
+        lists.append([buffers[i] for i in part])
+    for w, g_part, *b_part in _batches(*lists):
+        w32 = _as_float32(w)
+        g32 = _kept_grads32(g_part, inv_scale, keep_bits)
+        if buffers is not None:
+            b = b_part[0]
+            b32 = _as_float32(b)
+            torch._foreach_addcmul_(w32, b32, [a] * len(b32))
+            torch._foreach_addcmul_(w32, g32, [neg_c] * len(g32))
+            torch._foreach_mul_(b32, mu)
+            torch._foreach_addcmul_(b32, g32, [neg_d] * len(g32))
+            _copy_back(b, b32)
+        else:
+            torch._foreach_addcmul_(w32, g32, [neg_c] * len(g32))
+        if measure:
+            w_norms += torch._foreach_norm(w32)
+        elif scale:
+            torch._foreach_mul_(w32, factor)
+        _copy_back(w, w32)
+    return w_norms
 
 
 # Pieces and batches of the torch path (elements). fp32 norms of pieces of 2^17 elements,
@@ -368,9 +423,6 @@ def _add_dot_norms(norms: dict, col: int, xs: list[Tensor], ys: list[Tensor]) ->
     the projection's norm, a sum of such terms with ||w||^2, absorbs)."""
     for plus, minus in zip(torch._foreach_norm(torch._foreach_add(xs, ys)), torch._foreach_norm(torch._foreach_sub(xs, ys))):
         norms[col] += [plus, minus]
-
-
-ReduceSums = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor]"]
 
 
 def hparams_table(group_hparams: list[GroupHParams], device: torch.device, cache: dict | None) -> Tensor:

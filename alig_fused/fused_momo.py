@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .functional import GroupHParams
+from .functional import GroupHParams, StepInputs
 from .momo import STATE_NAMES, MomoState, momo_group_hparams, momo_step
 from .optim import FusedALIG, _in_step_state, _number
 
@@ -112,17 +112,12 @@ class FusedMoMo(FusedALIG):
                     group["lr"] = lr.clone()
                 seen.add(id(lr))
 
-    def _run_backend(
-        self, backend, params, grads, buffers, group_index, group_hparams, loss, step_sizes, grad_scale, found_inf,
-        reduce_sums,
-    ) -> None:
+    def _run_backend(self, backend: str, step: StepInputs) -> None:
+        loss = step.loss
         state = self.momo_state(loss.device)
-        result = momo_step(
-            backend, params, grads, buffers, group_index, group_hparams, loss, state, self.beta, self.initial_lb,
-            self.use_fstar, self.skipped_steps, grad_scale, found_inf, self._cache.setdefault(("momo", backend), {}),
-            reduce_sums,
-        )
-        step_sizes.copy_(result.tau)
+        result = momo_step(backend, step, state, self.beta, self.initial_lb, self.use_fstar,
+                           self._cache.setdefault(("momo", backend), {}))
+        step.step_size_out.copy_(result.tau)
         self._record(
             result.tau,
             result.polyak,

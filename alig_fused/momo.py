@@ -27,7 +27,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from .functional import MAX_GRAD_SQ_NORM, Coef, GroupHParams, ReduceSums, Sum, hparams_table
+from .functional import MAX_GRAD_SQ_NORM, Coef, GroupHParams, StepInputs, Sum, hparams_table
 
 __all__ = ["MomoState", "STATE_NAMES", "MomoResult", "momo_finalize", "momo_step", "momo_group_hparams"]
 
@@ -197,39 +197,17 @@ def _torch_sums(params, grads, buffers, group_index, hparams, group_hparams, gra
 
 
 def _torch_apply(params, grads, buffers, group_index, group_hparams, coefs, skip, grad_scale, cache):
-    """Pass 2 with foreach ops, as functional.torch_alig's (same batches, same order of operations)."""
-    from .functional import _as_float32, _batches, _copy_back, _kept_grads32, _split_by_group
+    """Pass 2 with foreach ops: functional.torch_alig's (``update_part``), every group scaled."""
+    from .functional import _coef_dtype, _split_by_group, _split_float64, coefficients_by_dtype, update_part
 
     inv_scale = None if grad_scale is None else grad_scale.to(torch.float32).reciprocal()
     keep_bits = (~skip).to(torch.int32)
-    coefs_of = {torch.float32: coefs.to(torch.float32), torch.float64: coefs.to(torch.float64)}
+    coefs_of = coefficients_by_dtype(coefs)
     for k, idx in enumerate(_split_by_group(group_index, len(group_hparams))):
-        if not idx:
-            continue
-        momentum = group_hparams[k].momentum > 0
-        for dtype in (torch.float64, None):  # float64 tensors step with float64 coefficients
-            part = [i for i in idx if (params[i].dtype == torch.float64) == (dtype is not None)]
-            if not part:
-                continue
-            a, c, d, mu, scale = coefs_of[dtype or torch.float32][k].unbind()
-            neg_c, neg_d = -c, -d
-            w_all, g = [params[i] for i in part], [grads[i] for i in part]
-            lists = (w_all, g, [buffers[i] for i in part]) if momentum else (w_all, g)
-            for w, g_part, *b_part in _batches(*lists):
-                w32 = _as_float32(w)
-                g32 = _kept_grads32(g_part, inv_scale, keep_bits)
-                if momentum:
-                    b = b_part[0]
-                    b32 = _as_float32(b)
-                    torch._foreach_addcmul_(w32, b32, [a] * len(b32))
-                    torch._foreach_addcmul_(w32, g32, [neg_c] * len(g32))
-                    torch._foreach_mul_(b32, mu)
-                    torch._foreach_addcmul_(b32, g32, [neg_d] * len(g32))
-                    _copy_back(b, b32)
-                else:
-                    torch._foreach_addcmul_(w32, g32, [neg_c] * len(g32))
-                torch._foreach_mul_(w32, scale)
-                _copy_back(w, w32)
+        b = buffers if group_hparams[k].momentum > 0 else None
+        for part in _split_float64(idx, params):
+            update_part(params, grads, b, part, coefs_of[_coef_dtype(params[part[0]])][k], inv_scale, keep_bits,
+                        scale=True)
 
 
 def _cpp_sums(params, grads, buffers, group_index, hparams, group_hparams, grad_scale, cache):
@@ -309,34 +287,31 @@ HALVES = {
 
 def momo_step(
     backend: str,
-    params: list[Tensor],
-    grads: list[Tensor],
-    buffers: list[Tensor],
-    group_index: list[int],
-    group_hparams: list[GroupHParams],
-    loss: Tensor,
+    step: StepInputs,
     state: MomoState,
     beta: float,
     initial_lb: float,
     use_fstar: bool,
-    skipped_steps: Tensor,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
     cache: dict | None = None,
-    reduce_sums: ReduceSums | None = None,
 ) -> MomoResult:
-    """One MoMo step: pass 1 (backend), momo_finalize, pass 2 (backend); state updated in place."""
+    """One MoMo step: pass 1 (backend), momo_finalize, pass 2 (backend); state updated in place.
+
+    ``step`` is FusedALIG's step input (``functional.StepInputs``; the buffers are the
+    gradient averages d, ``step_size_out`` is not written: the caller copies ``tau``).
+    """
     if cache is None:
         cache = {}
     halves = HALVES[backend]
+    params, grads, buffers, group_index = step.params, step.grads, step.momentum_buffers, step.group_index
+    group_hparams, loss, grad_scale = step.group_hparams, step.loss, step.grad_scale
     hparams = hparams_table(group_hparams, loss.device, cache)
     sums = halves.sums(params, grads, buffers, group_index, hparams, group_hparams, grad_scale, cache)
-    if reduce_sums is not None:
-        sums, loss = reduce_sums(sums, loss)
-    result = momo_finalize(sums, loss, hparams, state, beta, initial_lb, use_fstar, found_inf)
+    if step.reduce_sums is not None:
+        sums, loss = step.reduce_sums(sums, loss)
+    result = momo_finalize(sums, loss, hparams, state, beta, initial_lb, use_fstar, step.found_inf)
     halves.apply(params, grads, buffers, group_index, group_hparams, result.coefs, result.skip, grad_scale, cache)
     state.averages.copy_(torch.stack([result.f_bar, result.gamma_bar, result.lb]))  # one write: see MomoState
     not_skipped = (~result.skip).to(torch.int64)
     state.step.add_(not_skipped)
-    skipped_steps.add_(1 - not_skipped)
+    step.skipped_steps.add_(1 - not_skipped)
     return result

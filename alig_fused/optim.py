@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends, distributed
-from .functional import GroupHParams, hparams_table
+from .functional import GroupHParams, StepInputs, hparams_table
 
 __all__ = ["FusedALIG"]
 
@@ -387,9 +387,9 @@ class FusedALIG(Optimizer):
             self._check_group(group, where=f"param group {k}")
             group_hparams.append(self._group_hparams(group))
         plan = self._plan
-        grads = None
+        grads = grad_addresses = None
         if plan is not None and plan.key == self._plan_key(group_hparams):
-            grads = plan.current_grads()
+            grads, grad_addresses = plan.current_grads()
         if grads is None:  # first step, or the params, their gradients or the state changed
             plan = self._make_plan(group_hparams)
             if plan is None:  # no gradient anywhere: nothing to do, once the loss is checked
@@ -404,6 +404,7 @@ class FusedALIG(Optimizer):
                     )
                 return returned
             grads = [p.grad for p in plan.params]
+            grad_addresses = None
         params, buffers, device, backend = plan.params, plan.buffers, plan.device, plan.backend
         _check_lr_devices(group_hparams, device)
         loss_t = _loss_tensor(loss, device)
@@ -425,15 +426,17 @@ class FusedALIG(Optimizer):
             process_group = self.process_group or distributed.mesh_group(params)
             reduce_sums = distributed.SumReducer(process_group, self.average_loss)
             params, grads, buffers = (distributed.local_tensors(ts) for ts in (params, grads, buffers))
+            grad_addresses = None  # those of the local shards are the backend's to read
         elif self.average_loss and distributed.is_initialized():
             loss_t = distributed.average_loss(loss_t, self.process_group)
 
-        step_sizes = self._step_size_tensor(device)
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        self._run_backend(
-            backend, params, grads, buffers, group_index, group_hparams, loss_t, step_sizes, grad_scale, found_inf, reduce_sums
+        step = StepInputs(
+            params=params, grads=grads, momentum_buffers=buffers, group_index=group_index, group_hparams=group_hparams,
+            loss=loss_t, step_size_out=self._step_size_tensor(device), skipped_steps=self.skipped_steps,
+            grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
+            reduce_sums=reduce_sums, grad_addresses=grad_addresses,
         )
+        self._run_backend(backend, step)
         self.last_backend = backend
         if self.projection_fn is not None:
             self.projection_fn()
@@ -447,25 +450,18 @@ class FusedALIG(Optimizer):
     def _group_hparams(self, group: dict) -> GroupHParams:
         return _group_hparams(group)
 
-    def _run_backend(
-        self, backend, params, grads, buffers, group_index, group_hparams, loss, step_sizes, grad_scale, found_inf,
-        reduce_sums,
-    ) -> None:
+    def _run_backend(self, backend: str, step: StepInputs) -> None:
         cache = self._cache.setdefault(backend, {})
         if self._history is None and not self._wants_diagnostics:
-            backends.get(backend)(
-                params, grads, buffers, group_index, group_hparams, loss, step_sizes, self.skipped_steps,
-                grad_scale, found_inf, cache, reduce_sums,
-            )
+            backends.get(backend)(step, cache)
             return
         # Diagnostics: G and the unclipped step are not exported by every backend's fused
         # finalize, so they are recomputed from the loss and G on the device; G comes from
         # pass-1-equivalent foreach norms of the unscaled gradients (one read of g).
         skipped_before = self.skipped_steps.clone()
-        backends.get(backend)(
-            params, grads, buffers, group_index, group_hparams, loss, step_sizes, self.skipped_steps,
-            grad_scale, found_inf, cache, reduce_sums,
-        )
+        backends.get(backend)(step, cache)
+        grads, grad_scale, reduce_sums, loss = step.grads, step.grad_scale, step.reduce_sums, step.loss
+        group_hparams, step_sizes = step.group_hparams, step.step_size_out
         grad_sq_norm = _grad_sq_norm(grads, grad_scale)
         if reduce_sums is not None:  # sharded: local shards' ||g||^2 and the local loss (a second small all-reduce)
             grad_sq_norm, loss = reduce_sums(grad_sq_norm.reshape(1), loss)
@@ -677,31 +673,41 @@ class _StepPlan:
         self.backend: str = backend
         self.sharded: bool = sharded
 
-    def current_grads(self) -> list[Tensor] | None:
-        """This step's gradients, or None when the plan no longer describes them."""
+    def current_grads(self) -> tuple[list[Tensor] | None, list[int] | None]:
+        """This step's gradients and their ``data_ptr``s (None when not read), or (None, None)
+        when the plan no longer describes them."""
         if torch.compiler.is_compiling():  # dynamo cannot trace attrgetter; tracing runs once
             grads = [p.grad for p in self.params]
             if any(g is None or g.is_sparse for g in grads) or any(p.grad is not None for p in self.without_grad):
-                return None
-            return grads
+                return None, None
+            return grads, None
         # C-level passes (map over attribute getters): the Triton path's host time per step
-        # must stay below torch's own per-step grouping (bench/host_cost.py).
+        # must stay below torch's own per-step grouping (bench/host_cost.py). One pass reads
+        # the addresses, which the Triton backend checks its tables against (StepInputs), and
+        # is the None and sparse check too: it raises on None and on a sparse tensor.
         grads = list(map(_grad_of, self.params))
-        try:  # a None gradient has no is_sparse
-            # A sparse gradient also sends the step to _make_plan, whose check raises the error.
-            if any(map(_is_sparse, grads)):
-                return None
-        except AttributeError:
-            return None
+        try:
+            addresses = list(map(_data_ptr, grads))
+        except (TypeError, RuntimeError):  # None, sparse, or a tensor without storage (a DTensor)
+            addresses = None
+            try:  # a None gradient has no is_sparse
+                # A sparse gradient also sends the step to _make_plan, whose check raises the error.
+                if any(map(_is_sparse, grads)):
+                    return None, None
+            except AttributeError:
+                return None, None
         if self.without_grad and any(map(operator.is_not, map(_grad_of, self.without_grad), itertools.repeat(None))):
-            return None
+            return None, None
         if grads[0].device != self.device or grads[0].dtype != self.dtype:
-            return None
-        return grads
+            return None, None
+        return grads, addresses
 
 
 _grad_of = operator.attrgetter("grad")
 _is_sparse = operator.attrgetter("is_sparse")
+# const_data_ptr: 7% cheaper than data_ptr (no copy-on-write check); the Triton tables are
+# built with data_ptr, which materialises a lazy copy (a new address: the next step rebuilds).
+_data_ptr = Tensor.const_data_ptr
 
 
 def _group_hparams(group: dict) -> GroupHParams:
@@ -827,6 +833,8 @@ def _loss_tensor(loss: Any, device: torch.device) -> Tensor:
             raise ValueError(f"the loss must be a scalar, got a tensor of shape {tuple(loss.shape)}")
         if loss.is_complex():
             raise TypeError("the loss must be real, got a complex tensor")
+        if loss.dtype == torch.float64 and loss.dim() == 0 and loss.device == device and not loss.requires_grad:
+            return loss  # already what the backends take (the common case: accumulate_loss's sum)
         loss = loss.detach().reshape(())
         if loss.device == device:
             return loss.to(torch.float64)

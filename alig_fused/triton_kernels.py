@@ -74,7 +74,7 @@ import triton
 import triton.language as tl
 
 from . import triton_tables
-from .functional import Coef, GroupHParams, HParam, ReduceSums, Sum, hparams_table
+from .functional import Coef, HParam, StepInputs, Sum, hparams_table
 
 __all__ = ["triton_alig", "launches", "KERNELS", "CHUNK", "BLOCK"]
 
@@ -470,27 +470,16 @@ def _launch(kernel, grid, *args, **meta) -> None:
     kernel[grid](*args, **meta)
 
 
-def triton_alig(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor],
-    group_index: list[int],
-    group_hparams: list[GroupHParams],
-    loss: Tensor,
-    step_size_out: Tensor,
-    skipped_steps: Tensor,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    cache: dict | None = None,
-    reduce_sums: ReduceSums | None = None,
-) -> None:
-    """One ALI-G step in three Triton launches (the signature of ``functional.torch_alig``).
+def triton_alig(step: StepInputs, cache: dict | None = None) -> None:
+    """One ALI-G step in three Triton launches (a backend: see ``functional.StepInputs``).
 
     Raises ValueError for what the kernels cannot address: non-dense tensors, a gradient or
     buffer laid out unlike its parameter, dtypes
     other than float32/bfloat16/float16, a gradient or buffer whose dtype or shape is not
     its parameter's.
     """
+    group_hparams, loss, grad_scale, found_inf = step.group_hparams, step.loss, step.grad_scale, step.found_inf
+    step_size_out, skipped_steps = step.step_size_out, step.skipped_steps
     if cache is None:
         cache = {}
     device = loss.device
@@ -504,11 +493,12 @@ def triton_alig(
     grad_scale = _as_scalar(grad_scale, torch.float32, "grad_scale", device)
     found_inf = _as_scalar(found_inf, torch.float32, "found_inf", device)
     hparams = hparams_table(group_hparams, device, cache)
-    tables = _tables(params, grads, momentum_buffers, group_index, n_groups, device, cache)
+    tables = _tables(step.params, step.grads, step.momentum_buffers, step.group_index, n_groups, device, cache,
+                     step.grad_addresses)
     # Triton launches on the current device: make it the tensors' one (cuda:1 while cuda:0 is current).
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         for kernel, grid, args, meta in launches(
-            tables, hparams, loss, grad_scale, found_inf, step_size_out, skipped_steps, reduce_sums
+            tables, hparams, loss, grad_scale, found_inf, step_size_out, skipped_steps, step.reduce_sums
         ):
             _launch(kernel, grid, *args, **meta)
 
@@ -553,7 +543,7 @@ def launches(tables, hparams, loss, grad_scale, found_inf, step_size_out, skippe
 
 def _finalize_tile(n_groups: int) -> int:
     """Groups per finalize tile: a power of two (few compiled variants), at most FINALIZE_TILE."""
-    return min(FINALIZE_TILE, triton.next_power_of_2(max(n_groups, 1)))
+    return min(FINALIZE_TILE, 1 << max(n_groups - 1, 0).bit_length())  # (triton.next_power_of_2: ~5 us)
 
 
 def _check_outputs(step_size_out: Tensor, skipped_steps: Tensor, n_groups: int, device: torch.device) -> None:
@@ -574,45 +564,34 @@ def _as_scalar(t: Tensor, dtype: torch.dtype, name: str, device: torch.device) -
 
 
 def _constant(cache: dict, value: float, device: torch.device) -> Tensor:
-    key = ("constant", value, str(device))
+    key = ("constant", value, device)
     if key not in cache:
         cache[key] = torch.full((), value, dtype=torch.float32, device=device)
     return cache[key]
 
 
-def _tables(params, grads, buffers, group_index, n_groups, device, cache) -> _Tables:
+def _tables(params, grads, buffers, group_index, n_groups, device, cache, grad_addresses=None) -> _Tables:
     """The device tables for these tensors, rebuilt only when the tensors change.
 
     Checked every step, in C-level passes (no per-tensor Python code: the per-tensor
     8-field key and three ``is_contiguous`` calls it replaces cost ~1 us per tensor): the
     parameters' and gradients' addresses (``data_ptr``; a parameter whose ``.data`` is
-    replaced gets a new address while the old one is alive), the buffers as objects (their
-    ``id``s: the optimizer owns them; the cache holds them, so the ids stay unique), the group
-    of each tensor. Sizes, dtypes and layouts are checked when the table is built: a
-    gradient autograd puts at the same address has its parameter's size, dtype and strides.
+    replaced gets a new address while the old one is alive; the gradients' are
+    ``grad_addresses`` when the caller read them), the buffers as objects (``is``: the cache
+    holds the last ones), the group of each tensor. Sizes, dtypes and layouts are checked
+    when the table is built: a gradient autograd puts at the same address has its
+    parameter's size, dtype and strides.
     """
     if not (len(params) == len(grads) == len(buffers) == len(group_index)):
         raise ValueError("triton backend: params, grads, momentum_buffers and group_index differ in length")
-    addresses = list(map(Tensor.data_ptr, itertools.chain(params, grads)))
-    buffer_ids = list(map(id, buffers))  # ids, not the tensors: == on tensors compares values
-    key = cache.get("tables_key")
-    if (key is None or key[0] != (CHUNK, n_groups, device) or key[1] != addresses or key[2] != buffer_ids
-            or key[3] != group_index):
-        if triton_tables.capturing(device):
-            raise RuntimeError(
-                "triton backend: the tensors or groups changed while a CUDA graph is being captured, so the "
-                "step would build new device tables inside the capture; run one eager step with these tensors "
-                "before capturing (the warm-up torch.cuda.graphs asks for)"
-            )
-        cache["tables"] = _build_tables(params, grads, buffers, group_index, n_groups, device, CHUNK)
-        # (the buffers themselves too: while they are held, no other object can take their ids)
-        cache["tables_key"] = ((CHUNK, n_groups, device), addresses, buffer_ids, list(group_index), list(buffers))
-        rebuilt = True
-    else:
-        rebuilt = False
-    tables = cache["tables"]
-    triton_tables.keep_alive(tables, device, cache, rebuilt)
-    return tables
+    if grad_addresses is None:  # const_data_ptr: no copy-on-write check (the table has data_ptr's)
+        grad_addresses = list(map(Tensor.const_data_ptr, grads))
+    elif len(grad_addresses) != len(grads):
+        raise ValueError("triton backend: grad_addresses and grads differ in length")
+    return triton_tables.cached_tables(
+        cache, ((CHUNK, n_groups, device), list(map(Tensor.const_data_ptr, params)), grad_addresses, group_index), buffers,
+        device, lambda: _build_tables(params, grads, buffers, group_index, n_groups, device, CHUNK), "triton backend",
+    )
 
 
 def _build_tables(params, grads, buffers, group_index, n_groups, device, chunk) -> _Tables:

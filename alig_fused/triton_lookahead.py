@@ -28,7 +28,8 @@ writes it unless they know that the others have read it. Each program reads the 
 with a scalar atomic (one thread, the value broadcast to the program) and then takes a
 ticket (``atomic_add`` on an int32 word, acq_rel: the read is ordered before it). The
 program that takes the last ticket, n_programs - 1, knows every program has read the
-counter: it writes ``step`` and puts the ticket word back to 0 for the next launch. The
+counter: it writes ``step`` and puts the ticket word back to 0 for the next launch (a
+launch that raises has the launcher clear it instead: ``triton_lookahead``). The
 grid is persistent (at most ``PROGRAMS_PER_SM`` programs per SM, each looping over chunks)
 so a step costs ~2 x (4 x SMs) same-address atomics, not two per chunk.
 
@@ -181,7 +182,16 @@ def triton_lookahead(fast: list[Tensor], slow: list[Tensor], step: Tensor, alpha
     tables = _tables(fast, slow, device, cache)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         for kernel, grid, args, meta in launches(tables, step, alpha, k):
-            _launch(kernel, grid, *args, **meta)
+            try:
+                _launch(kernel, grid, *args, **meta)
+            except BaseException:
+                # A launch that raised (the interpreter running a program that fails, an
+                # interrupt) may have left tickets taken, and then in every later launch the
+                # program with ticket n_programs - 1 is not the last to read the counter:
+                # programs disagree on the step, silently (tests/test_triton_lookahead.py).
+                # Clear the word; on a GPU an async fill, ordered before the next launch.
+                tables.tickets.zero_()
+                raise
 
 
 def launches(tables: _Tables, step: Tensor, alpha: float, k: int):
@@ -211,24 +221,13 @@ def _tables(fast, slow, device, cache) -> _Tables:
         raise ValueError(f"triton lookahead: {len(fast)} parameters but {len(slow)} slow weights")
     max_programs = _max_programs(device, cache)
     addresses = list(map(Tensor.data_ptr, fast))
-    slow_ids = list(map(id, slow))  # ids, not the tensors: == on tensors compares values
-    key = cache.get("tables_key")
-    if key is None or key[0] != (CHUNK, max_programs, device) or key[1] != addresses or key[2] != slow_ids:
-        if triton_tables.capturing(device):
-            raise RuntimeError(
-                "triton lookahead: the parameters or slow weights changed while a CUDA graph is being captured, "
-                "so the update would build a new device table inside the capture; run one eager step with these "
-                "tensors before capturing"
-            )
+
+    def build() -> _Tables:
         tickets = cache["tables"].tickets if "tables" in cache else None  # 0 after every launch: reusable
-        cache["tables"] = _build_tables(fast, slow, device, CHUNK, max_programs, tickets)
-        cache["tables_key"] = ((CHUNK, max_programs, device), addresses, slow_ids, list(slow))  # held: ids unique
-        rebuilt = True
-    else:
-        rebuilt = False
-    tables = cache["tables"]
-    triton_tables.keep_alive(tables, device, cache, rebuilt)
-    return tables
+        return _build_tables(fast, slow, device, CHUNK, max_programs, tickets)
+
+    return triton_tables.cached_tables(cache, ((CHUNK, max_programs, device), addresses), slow, device, build,
+                                       "triton lookahead")
 
 
 def _build_tables(fast, slow, device, chunk, max_programs, tickets=None) -> _Tables:

@@ -18,7 +18,8 @@ on the host and cached by the launchers while the tensors do not change)::
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import operator
+from typing import Callable, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -26,7 +27,7 @@ from torch import Tensor
 from .backends import is_dense  # the one density rule (backends.layout_problem's too)
 
 __all__ = ["HEADER", "ROW", "DTYPE_CODES", "chunk_table", "check_layout", "to_device", "capturing",
-           "current_stream", "keep_alive"]
+           "current_stream", "cached_tables", "keep_alive"]
 
 HEADER = 8
 ROW = 8
@@ -40,6 +41,41 @@ def capturing(device: torch.device) -> bool:
 
 def current_stream(device: torch.device):
     return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
+Tables = TypeVar("Tables", bound=tuple)
+
+
+def cached_tables(cache: dict, key: tuple, objects: list, device: torch.device, build: Callable[[], Tables],
+                  who: str) -> Tables:
+    """``cache["tables"]``, made by ``build()`` again only when ``key`` or ``objects`` changed;
+    kept alive.
+
+    ``key`` is compared with the last one in one tuple compare (its lists: C-level ``==``),
+    ``objects`` (tensors recognised as objects: the momentum buffers, the slow weights) with
+    the last ones by identity (``is``, a C-level pass; the cache holds them); the launchers
+    make ``key`` of C-level passes too (``data_ptr``s), so a cache hit costs no per-tensor
+    Python code. A rebuild during a CUDA graph capture is an error (the graph would bake in
+    tables made inside it); then ``keep_alive``.
+    """
+    held = cache.get("tables_objects")
+    if (cache.get("tables_key") != key or len(held) != len(objects)
+            or not all(map(operator.is_, objects, held))):
+        if capturing(device):
+            raise RuntimeError(
+                f"{who}: the tensors or groups changed while a CUDA graph is being captured, so the step would "
+                "build new device tables inside the capture; run one eager step with these tensors before "
+                "capturing (the warm-up torch.cuda.graphs asks for)"
+            )
+        cache["tables"] = build()
+        cache["tables_key"] = tuple(list(part) if isinstance(part, list) else part for part in key)  # copies
+        cache["tables_objects"] = list(objects)
+        rebuilt = True
+    else:
+        rebuilt = False
+    tables = cache["tables"]
+    keep_alive(tables, device, cache, rebuilt)
+    return tables
 
 
 def keep_alive(tables: NamedTuple, device: torch.device, cache: dict, rebuilt: bool) -> None:

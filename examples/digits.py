@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -43,6 +41,8 @@ from torch import Tensor, nn
 
 from alig_fused import FusedALIG, backends
 from alig_fused.backends import BackendUnavailableError
+
+from .outputs import curves_to_lists, markdown_table, write_outputs
 
 __all__ = ["DemoConfig", "run_demo", "format_summary_table", "main"]
 
@@ -261,22 +261,11 @@ def train(contender: Contender, data: Digits, orders: Tensor, cfg: DemoConfig, d
         "skipped_steps": int(optimizer.skipped_steps) if isinstance(optimizer, FusedALIG) else None,
         "backend": getattr(optimizer, "last_backend", None),
     }
-    result.update(_to_lists(curves))
+    result.update(curves_to_lists(curves))
     result["initial_train_loss"] = result["epoch_train_loss"][0]
     result["final_train_loss"] = result["epoch_train_loss"][-1]
     result["test_accuracy"] = result["epoch_test_accuracy"][-1]
     return result
-
-
-def _to_lists(curves: Curves) -> dict:
-    """Stack each device series once and bring it to the host (one sync per series)."""
-    out = {}
-    for name, values in asdict(curves).items():
-        if values and isinstance(values[0], Tensor):
-            out[name] = torch.stack(values).double().cpu().tolist()
-        else:
-            out[name] = list(values)
-    return out
 
 
 # -- outputs -------------------------------------------------------------------------------
@@ -296,17 +285,12 @@ def format_summary_table(results: dict) -> str:
             f"{run['wall_time_s']:.1f}",
             skipped,
         ])
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-
-    def line(cells):
-        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+    return markdown_table(header, rows)
 
 
-def write_summary_md(results: dict, path: str) -> None:
+def summary_md(results: dict) -> str:
     alig = results["runs"]["alig"]
-    text = (
+    return (
         "# alig-fused demo: digits, small CNN\n\n"
         f"{results['data']['train']} training / {results['data']['test']} test images, "
         f"{results['config']['epochs']} epochs of batch {results['config']['batch_size']} "
@@ -318,33 +302,6 @@ def write_summary_md(results: dict, path: str) -> None:
         + "\n\n"
         + "".join(f"![{name}]({name})\n" for name in PLOT_FILES)
     )
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def write_results_json(results: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-
-
-def plot_all(results: dict, out_dir: str) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plotters = {
-        "loss_accuracy.png": plot_loss_accuracy,
-        "alig_step_size.png": plot_step_size,
-        "param_norm.png": plot_param_norm,
-    }
-    paths = {}
-    for name, plotter in plotters.items():
-        fig = plotter(plt, results)
-        paths[name] = os.path.join(out_dir, name)
-        fig.savefig(paths[name], dpi=110, bbox_inches="tight")
-        plt.close(fig)
-    return paths
 
 
 def plot_loss_accuracy(plt, results: dict):
@@ -429,13 +386,8 @@ def run_demo(**options) -> dict:
     backends.pick(cfg.backend, device)  # a backend asked for by name that cannot run fails now
     with cpu_threads(cfg.threads):
         results = _compare(cfg, device)
-    os.makedirs(cfg.out, exist_ok=True)
-    files = plot_all(results, cfg.out)
-    files["summary.md"] = os.path.join(cfg.out, "summary.md")
-    files["results.json"] = os.path.join(cfg.out, "results.json")
-    results["files"] = files
-    write_summary_md(results, files["summary.md"])
-    write_results_json(results, files["results.json"])
+    plotters = dict(zip(PLOT_FILES, (plot_loss_accuracy, plot_step_size, plot_param_norm)))
+    write_outputs(results, cfg.out, plotters, summary_md)
     return results
 
 

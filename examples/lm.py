@@ -31,7 +31,6 @@ loads this file when it sits beside the installed package). The library does not
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -46,6 +45,8 @@ from torch import Tensor, nn
 
 import alig_fused
 from alig_fused import FusedALIG
+
+from .outputs import curves_to_lists, markdown_table, write_outputs
 
 __all__ = ["SIZES", "LMConfig", "run_lm_demo", "main"]
 
@@ -419,7 +420,7 @@ def train(contender: Contender, value: float, splits: Splits, starts: Tensor, cf
         "initial_matrix_norm": initial_matrix_norm,
         "max_norm": optimizer.param_groups[0].get("max_norm") if isinstance(optimizer, FusedALIG) else None,
     }
-    result.update(to_lists(curves))
+    result.update(curves_to_lists(curves))
     result["val_bpb"] = [x * BITS_PER_NAT for x in result.pop("val_loss")]
     result["train_bpb"] = [x * BITS_PER_NAT for x in result.pop("train_loss")]
     result["initial_val_bpb"] = result["val_bpb"][0]
@@ -431,17 +432,6 @@ def train(contender: Contender, value: float, splits: Splits, starts: Tensor, cf
     result["final_val_bpb"] = full(splits.val) if math.isfinite(final_val) else math.inf
     result["test_bpb"] = full(splits.test) if math.isfinite(final_val) else math.inf
     return result
-
-
-def to_lists(curves: Curves) -> dict:
-    """Stack each device series once and bring it to the host (one sync per series)."""
-    out = {}
-    for name, values in asdict(curves).items():
-        if values and isinstance(values[0], Tensor):
-            out[name] = torch.stack(values).double().cpu().tolist()
-        else:
-            out[name] = list(values)
-    return out
 
 
 # -- outputs ---------------------------------------------------------------------------------
@@ -462,18 +452,13 @@ def format_table(results: dict) -> str:
         skipped = "-" if best["skipped_steps"] is None else str(best["skipped_steps"])
         rows.append([best["label"], f"{best['swept']} {tried}", f"{best['swept']}={best['value']:g}",
                      f"{best['final_val_bpb']:.3f}", f"{best['test_bpb']:.3f}", f"{best['tokens_per_s']:,.0f}", skipped])
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-
-    def line(cells):
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+    return markdown_table(header, rows)
 
 
-def write_summary(results: dict, path: str) -> None:
+def summary_md(results: dict) -> str:
     c, d, m = results["config"], results["data"], results["model"]
     settings = "".join(f"- {run['label']}: {run['settings']}\n" for run in best_runs(results).values())
-    text = (
+    return (
         f"# alig-fused demo lm: a {m['n_layer']}-layer GPT on bytes of {d['name']}\n\n"
         f"{d['train_bytes']:,} training / {d['val_bytes']:,} validation / {d['test_bytes']:,} test bytes "
         f"(in order, 90/5/5); model {m['parameters']:,} parameters ({m['n_layer']} layers, {m['n_head']} heads, "
@@ -486,39 +471,6 @@ def write_summary(results: dict, path: str) -> None:
         + format_table(results) + "\n\n" + settings + "\n"
         + "".join(f"![{name}]({name})\n" for name in PLOT_FILES)
     )
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def write_json(results: dict, path: str) -> None:
-    def finite(x):  # strict JSON has no NaN or Infinity
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: finite(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [finite(v) for v in x]
-        return x
-
-    with open(path, "w") as f:
-        json.dump(finite(results), f, indent=1)
-
-
-def plot_all(results: dict, out: str) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = {}
-    for name, plotter in zip(PLOT_FILES, (plot_val_loss, plot_step_size, plot_param_norm)):
-        fig = plotter(plt, results)
-        if fig is None:
-            continue
-        paths[name] = os.path.join(out, name)
-        fig.savefig(paths[name], dpi=110, bbox_inches="tight")
-        plt.close(fig)
-    return paths
 
 
 COLORS = {"alig": "tab:blue", "adamw": "tab:red", "sgd": "tab:orange", "momo": "tab:green"}
@@ -643,13 +595,8 @@ def run_lm_demo(cfg: LMConfig) -> dict:
                   "context": size.context, "batch": size.batch},
         "sweeps": sweeps,
     }
-    os.makedirs(cfg.out, exist_ok=True)
-    files = plot_all(results, cfg.out)
-    files["summary.md"] = os.path.join(cfg.out, "summary.md")
-    files["results.json"] = os.path.join(cfg.out, "results.json")
-    results["files"] = files
-    write_summary(results, files["summary.md"])
-    write_json(results, files["results.json"])
+    plotters = dict(zip(PLOT_FILES, (plot_val_loss, plot_step_size, plot_param_norm)))
+    write_outputs(results, cfg.out, plotters, summary_md)
     return results
 
 

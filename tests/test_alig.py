@@ -693,9 +693,9 @@ def test_a_registered_backend_is_reachable_by_name_and_by_auto(own_registry):
 
     calls = []
 
-    def counting_alig(*args):
-        calls.append(len(args[0]))
-        torch_alig(*args)
+    def counting_alig(step, cache):
+        calls.append(len(step.params))
+        torch_alig(step, cache)
 
     backends.register(backends.Backend(
         "counting", lambda: counting_alig, dtypes={"cpu": frozenset({torch.float32})}, auto_rank={"cpu": -1},
@@ -824,10 +824,11 @@ def test_torch_path_in_pieces_equals_whole_tensors(monkeypatch, sharded):
         step_size, skipped = torch.zeros(2), torch.zeros((), dtype=torch.int64)
         scale = torch.tensor(4.0)
         for g in grads:
-            functional.torch_alig(
-                params, [x * 4 for x in g], buffers, group_index, hparams, torch.tensor(2.0, dtype=torch.float64),
-                step_size, skipped, scale, None, {}, (lambda s, l: (s, l)) if sharded else None,
-            )
+            functional.torch_alig(functional.StepInputs(
+                params=params, grads=[x * 4 for x in g], momentum_buffers=buffers, group_index=group_index,
+                group_hparams=hparams, loss=torch.tensor(2.0, dtype=torch.float64), step_size_out=step_size,
+                skipped_steps=skipped, grad_scale=scale, reduce_sums=(lambda s, l: (s, l)) if sharded else None,
+            ), {})
         runs[piece] = params + buffers, step_size.clone()
         assert int(skipped) == 0
     (whole, whole_sizes), (pieces, piece_sizes) = runs.values()

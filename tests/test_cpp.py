@@ -64,14 +64,15 @@ def test_auto_keeps_float64_on_torch():
 
 def test_float64_tensors_through_the_function():
     # The op on float64 storage agrees with torch_alig (float64 math) to fp32 precision.
-    from alig_fused.functional import GroupHParams, torch_alig
+    from alig_fused.functional import GroupHParams, StepInputs, torch_alig
 
     outs = {}
     for name, fn in (("cpp", cpp_ops.cpp_alig), ("torch", torch_alig)):
         args = op_args(max_norm=3.0, dtype=torch.float64)
         params, grads, buffers, group_index, _, loss, step_size, skipped, _, _ = args
         hparams = [GroupHParams(0.5, 0.9, False, 3.0, 1e-5, 0.0, 1.0), GroupHParams(math.inf, 0.9, True, math.inf, 1e-5, 0.1, 1.0)]
-        fn(params, grads, buffers, group_index, hparams, loss, step_size, skipped, None, None, {})
+        fn(StepInputs(params=params, grads=grads, momentum_buffers=buffers, group_index=group_index,
+                      group_hparams=hparams, loss=loss, step_size_out=step_size, skipped_steps=skipped), {})
         outs[name] = params + buffers
     for p, q in zip(outs["cpp"], outs["torch"]):
         assert p.dtype == torch.float64
@@ -198,6 +199,15 @@ def _group_hparams():
     return [GroupHParams(0.5, 0.9, False, 3.0, 1e-5, 0.0, 1.0), GroupHParams(math.inf, 0.9, True, math.inf, 1e-5, 0.1, 1.0)]
 
 
+def _inputs(params, grads, buffers, group_index, loss, step_size, skipped, grad_scale=None, found_inf=None,
+            reduce_sums=None):
+    from alig_fused.functional import StepInputs
+
+    return StepInputs(params=params, grads=grads, momentum_buffers=buffers, group_index=group_index,
+                      group_hparams=_group_hparams(), loss=loss, step_size_out=step_size, skipped_steps=skipped,
+                      grad_scale=grad_scale, found_inf=found_inf, reduce_sums=reduce_sums)
+
+
 def test_identity_reduce_sums_is_the_fused_step():
     # The halves project with ||w'|| from the pass-1 sums, the fused CPU op measures it in
     # pass 2: the same scale up to rounding, so the parameters agree to fp32 precision
@@ -205,8 +215,8 @@ def test_identity_reduce_sums_is_the_fused_step():
     results = []
     for reduce_sums in (None, lambda sums, loss: (sums, loss)):
         params, grads, buffers, group_index, _, loss, step_size, skipped, grad_scale, found_inf = op_args(max_norm=3.0, scaled=True)
-        extra = {} if reduce_sums is None else {"reduce_sums": reduce_sums}
-        cpp_ops.cpp_alig(params, grads, buffers, group_index, _group_hparams(), loss, step_size, skipped, grad_scale, found_inf, {}, **extra)
+        cpp_ops.cpp_alig(_inputs(params, grads, buffers, group_index, loss, step_size, skipped, grad_scale, found_inf,
+                                 reduce_sums), {})
         after = math.sqrt(sum(float(p.double().norm()) ** 2 for p, k in zip(params, group_index) if k == 0))
         assert after == pytest.approx(3.0, rel=1e-6), "the ball must bind (group 0 ends on it) for this test to mean anything"
         results.append((params, buffers + [step_size]))
@@ -234,10 +244,9 @@ def test_two_shards_with_reduce_sums_match_the_whole():
     rank_step_sizes = [torch.zeros(2), torch.zeros(2)]
     for rank, (w, g, b) in enumerate(shards):
         other = shard_sums[1 - rank]
-        cpp_ops.cpp_alig(w, g, b, group_index, _group_hparams(), loss, rank_step_sizes[rank],
-                         torch.zeros((), dtype=torch.int64), None, None, {},
-                         reduce_sums=lambda sums, loss, other=other: (sums + other, loss))
-    cpp_ops.cpp_alig(params, grads, buffers, group_index, _group_hparams(), loss, step_size, skipped, None, None, {})
+        cpp_ops.cpp_alig(_inputs(w, g, b, group_index, loss, rank_step_sizes[rank], torch.zeros((), dtype=torch.int64),
+                                 reduce_sums=lambda sums, loss, other=other: (sums + other, loss)), {})
+    cpp_ops.cpp_alig(_inputs(params, grads, buffers, group_index, loss, step_size, skipped), {})
     for i, (p, b) in enumerate(zip(params, buffers)):
         torch.testing.assert_close(torch.cat([shards[0][0][i], shards[1][0][i]]), p.reshape(-1), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(torch.cat([shards[0][2][i], shards[1][2][i]]), b.reshape(-1), rtol=1e-6, atol=1e-6)

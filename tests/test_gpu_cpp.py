@@ -82,14 +82,15 @@ def test_reduce_sums_halves():
     # Identity reduce_sums: alig_sums + alig_update_ give the fused op's bits; the halves
     # take four launches (pass 1, reduce | finalize, pass 2) around the caller's all-reduce.
     from alig_fused.cpp_ops import cpp_alig
-    from alig_fused.functional import GroupHParams
+    from alig_fused.functional import GroupHParams, StepInputs
 
     hparams = [GroupHParams(0.5, 0.9, False, 3.0, 1e-5, 0.0, 1.0), GroupHParams(math.inf, 0.9, True, math.inf, 1e-5, 0.1, 1.0)]
     results = []
     for reduce_sums in (None, lambda sums, loss: (sums, loss)):
         params, grads, buffers, group_index, _, loss, step_size, skipped, _, _ = op_args()
-        extra = {} if reduce_sums is None else {"reduce_sums": reduce_sums}
-        cpp_alig(params, grads, buffers, group_index, hparams, loss, step_size, skipped, None, None, {}, **extra)
+        cpp_alig(StepInputs(params=params, grads=grads, momentum_buffers=buffers, group_index=group_index,
+                            group_hparams=hparams, loss=loss, step_size_out=step_size, skipped_steps=skipped,
+                            reduce_sums=reduce_sums), {})
         results.append(params + buffers + [step_size])
     assert bit_identical(results[0], results[1])
 

@@ -27,7 +27,7 @@ import triton.language as tl  # noqa: E402
 
 from alig_fused import triton_kernels as tk  # noqa: E402
 from alig_fused import triton_tables  # noqa: E402
-from alig_fused.functional import GroupHParams, torch_alig  # noqa: E402
+from alig_fused.functional import GroupHParams, StepInputs, torch_alig  # noqa: E402
 from harness import FLOOR, assert_follows_reference, bit_identical, make_groups, run_pair, trajectory_error  # noqa: E402
 from reference import ReferenceALIG  # noqa: E402
 
@@ -238,10 +238,11 @@ def hparams(lr=math.inf, momentum=0.0, adjusted=False, max_norm=math.inf, eps=1e
 def call_step(params, grads, buffers, group_index, group_hparams, loss, backend=None, **kwargs):
     step_size = torch.zeros(len(group_hparams))
     skipped = torch.zeros((), dtype=torch.int64)
-    (backend or tk.triton_alig)(
-        params, grads, buffers, group_index, group_hparams, torch.tensor(loss, dtype=torch.float64), step_size,
-        skipped, kwargs.pop("grad_scale", None), kwargs.pop("found_inf", None), kwargs.pop("cache", {}), **kwargs
-    )
+    cache = kwargs.pop("cache", {})
+    (backend or tk.triton_alig)(StepInputs(
+        params=params, grads=grads, momentum_buffers=buffers, group_index=group_index, group_hparams=group_hparams,
+        loss=torch.tensor(loss, dtype=torch.float64), step_size_out=step_size, skipped_steps=skipped, **kwargs,
+    ), cache)
     return step_size, skipped
 
 
@@ -505,3 +506,46 @@ def test_finalize_with_640_groups_matches_spec(small_chunks, bad_loss):
     torch.testing.assert_close(tables.coefs[:n_groups], want_coefs.float(), rtol=1e-6, atol=1e-7)
     if not bad_loss:
         assert (tables.coefs[:, 4] < 1).sum() > 10  # the projection binds in many groups
+
+
+def test_optimizer_passes_the_gradients_addresses_and_the_tables_follow_them(monkeypatch):
+    """FusedALIG reads the gradients' addresses in its per-step check (StepInputs.grad_addresses)
+    and the Triton tables key on them: a gradient moved to a new address (the old one still
+    alive, so the address cannot be reused) rebuilds the tables, and the step reads it there
+    (the trajectory is the torch backend's)."""
+    from alig_fused import FusedALIG, backends
+
+    passed = []
+
+    def recording_triton(step, cache):
+        passed.append(step.grad_addresses)
+        tk.triton_alig(step, cache)
+
+    backends.load("triton")
+    monkeypatch.setitem(backends._loaded, "triton", recording_triton)
+    gen = torch.Generator().manual_seed(5)
+    start = [torch.randn(7, generator=gen), torch.randn(3, 4, generator=gen)]
+    grads = [[torch.randn(p.shape, generator=gen) for p in start] for _ in range(3)]
+    runs, seen = {}, []
+    for backend in ("triton", "torch"):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = FusedALIG(params, lr=0.5, momentum=0.9, backend=backend)
+        kept = []
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    kept.append(p.grad)  # alive: the new gradient gets another address
+                    p.grad = g.clone()
+            opt.step(loss=2.0)
+            if backend == "triton":
+                tables = opt._cache["triton"]["tables"]
+                assert opt._cache["triton"]["tables_key"][2] == [p.grad.data_ptr() for p in params]
+                seen.append(tables)
+        runs[backend] = [p.detach().clone() for p in params]
+    assert len({id(t) for t in seen}) == 3  # rebuilt at every step: new gradient addresses
+    # the first step makes the plan (the backend reads the addresses), the others pass them
+    assert passed[0] is None and all(isinstance(a, list) and len(a) == 2 for a in passed[1:]) and len(passed) == 3
+    for tri, ref in zip(runs["triton"], runs["torch"]):
+        torch.testing.assert_close(tri, ref, rtol=1e-6, atol=1e-7)

@@ -55,7 +55,7 @@ def _record_launches(tk):
     """The launches of steps covering every configuration the launcher chooses."""
     import torch
 
-    from alig_fused.functional import GroupHParams
+    from alig_fused.functional import GroupHParams, StepInputs
 
     launched = []
     tk._launch = lambda kernel, grid, *args, **meta: launched.append((kernel, args, meta))
@@ -69,11 +69,12 @@ def _record_launches(tk):
             GroupHParams(0.1, 0.9 * (k % 2), bool(k % 4 == 1), 10.0 if k % 2 else math.inf, 1e-5, 0.0, 1.0)
             for k in range(n_groups)
         ]
-        tk.triton_alig(
-            params, grads, buffers, [i // 2 for i in range(len(params))], group_hparams,
-            torch.tensor(1.0, dtype=torch.float64), torch.zeros(n_groups), torch.zeros((), dtype=torch.int64),
-            grad_scale, found_inf, {}, reduce_sums,
-        )
+        tk.triton_alig(StepInputs(
+            params=params, grads=grads, momentum_buffers=buffers, group_index=[i // 2 for i in range(len(params))],
+            group_hparams=group_hparams, loss=torch.tensor(1.0, dtype=torch.float64),
+            step_size_out=torch.zeros(n_groups), skipped_steps=torch.zeros((), dtype=torch.int64),
+            grad_scale=grad_scale, found_inf=found_inf, reduce_sums=reduce_sums,
+        ), {})
 
     step(2, None, None, None)
     step(3, torch.tensor(8.0), torch.tensor(0.0), None)

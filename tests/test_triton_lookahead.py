@@ -330,3 +330,40 @@ def test_captured_table_stays_alive_and_rebuild_during_capture_fails(monkeypatch
     tla.triton_lookahead(fast, [torch.randn(10)], step, 0.5, 2, cache)  # rebuilt
     gc.collect()
     assert meta() is not None
+
+
+@pytest.mark.parametrize("programs", [2, 3])
+def test_an_aborted_launch_leaves_the_ticket_word_clear(small_chunks, monkeypatch, programs):
+    """A launch that raises after some programs took their ticket (here program 0, in its
+    first chunk of a synchronisation step, before any store) must not leave the ticket word
+    set: in every later launch the program holding ticket n_programs - 1 would then not be
+    the last to read the counter, and the others would run a step ahead (a synchronisation
+    on the wrong step for their chunks), silently, for ever."""
+    monkeypatch.setattr(tla, "INTERPRETER_PROGRAMS", programs)
+    gen = torch.Generator().manual_seed(0)
+    fast = [torch.randn(130, generator=gen)]  # chunks of 64: two whole ones and a tail
+    slow = [torch.randn(130, generator=gen)]
+    counter = torch.ones((), dtype=torch.int64)  # the next step, 2, synchronises (k = 2)
+    cache = {}
+    start = fast[0].clone(), slow[0].clone()
+    lerp_full = tla._lerp_full
+
+    def aborting(*args, **kwargs):
+        raise RuntimeError("launch aborted")
+
+    monkeypatch.setattr(tla, "_lerp_full", aborting)
+    with pytest.raises(Exception, match="launch aborted"):  # the interpreter's InterpreterError
+        tla.triton_lookahead(fast, slow, counter, 0.5, 2, cache)
+    monkeypatch.setattr(tla, "_lerp_full", lerp_full)
+    assert cache["tables"].n_programs == programs
+    assert int(counter) == 1, "the last program, the counter's writer, never ran"
+    assert torch.equal(fast[0], start[0]) and torch.equal(slow[0], start[1]), "the aborted launch stored nothing"
+    for step in (2, 3, 4, 5):
+        fast_before, slow_before = fast[0].clone(), slow[0].clone()
+        tla.triton_lookahead(fast, slow, counter, 0.5, 2, cache)
+        assert int(counter) == step and int(cache["tables"].tickets) == 0
+        if step % 2 == 0:
+            expected = slow_before + 0.5 * (fast_before - slow_before)
+            assert torch.equal(slow[0], expected) and torch.equal(fast[0], expected), f"step {step}"
+        else:
+            assert torch.equal(slow[0], slow_before) and torch.equal(fast[0], fast_before), f"step {step}"
