@@ -78,6 +78,16 @@ from .functional import Coef, HParam, StepInputs, Sum, hparams_table
 
 __all__ = ["triton_alig", "launches", "KERNELS", "CHUNK", "BLOCK"]
 
+# The spec's table columns (functional.HParam, Sum, Coef) as compile-time constants: the
+# kernels index the tables only through these, so a column added to the spec reaches them.
+HP_COUNT, SUM_COUNT, COEF_COUNT = (tl.constexpr(n) for n in (HParam.COUNT, Sum.COUNT, Coef.COUNT))
+HP_LR, HP_MOMENTUM, HP_ADJUSTED, HP_MAX_NORM, HP_EPS, HP_F_STAR, HP_SCALING = (
+    tl.constexpr(c) for c in (HParam.LR, HParam.MOMENTUM, HParam.ADJUSTED, HParam.MAX_NORM, HParam.EPS,
+                              HParam.F_STAR, HParam.SCALING))
+SUM_GG, SUM_WW, SUM_BB, SUM_WB, SUM_WG, SUM_BG = (
+    tl.constexpr(c) for c in (Sum.GG, Sum.WW, Sum.BB, Sum.WB, Sum.WG, Sum.BG))
+COEF_A, COEF_C, COEF_D, COEF_MU, COEF_SCALE = (tl.constexpr(c) for c in (Coef.A, Coef.C, Coef.D, Coef.MU, Coef.SCALE))
+
 # Elements per chunk (one program of pass 1 / pass 2) and per loop iteration; warps.
 # Reasoned defaults, not autotuned (autotuning on H100 is unmeasured): 16 iterations per
 # program, ~6k programs per 100M parameters; 8 warps x 32 threads x 4 elements = BLOCK,
@@ -203,7 +213,7 @@ def _alig_pass1_kernel(meta_ptr, partial_ptr, hparams_ptr, grad_scale_ptr,
     group = tl.load(row + 4)
     dtype_code = tl.load(row + 5)
     # w (and b, if any) are read only for a group with a max_norm (+inf: none).
-    max_norm = tl.load(hparams_ptr + 7 * group + 3)
+    max_norm = tl.load(hparams_ptr + HP_COUNT * group + HP_MAX_NORM)
     read_w = tl.where(max_norm < float("inf"), 1, 0)
     read_b = read_w * tl.load(row + 6).to(tl.int32)
     # 1 / grad_scale rounded once to fp32: the fp64 quotient rounded to fp32 is the
@@ -229,13 +239,13 @@ def _alig_pass1_kernel(meta_ptr, partial_ptr, hparams_ptr, grad_scale_ptr,
         else:
             gg, ww, bb, wb, wg, bg = _sums_masked(w_addr, g_addr, b_addr, count, read_w, read_b, inv_scale,
                                                   tl.float16, BLOCK)
-    out = partial_ptr + 6 * pid
-    tl.store(out + 0, gg)
-    tl.store(out + 1, ww)
-    tl.store(out + 2, bb)
-    tl.store(out + 3, wb)
-    tl.store(out + 4, wg)
-    tl.store(out + 5, bg)
+    out = partial_ptr + SUM_COUNT * pid
+    tl.store(out + SUM_GG, gg)
+    tl.store(out + SUM_WW, ww)
+    tl.store(out + SUM_BB, bb)
+    tl.store(out + SUM_WB, wb)
+    tl.store(out + SUM_WG, wg)
+    tl.store(out + SUM_BG, bg)
 
 
 @triton.jit
@@ -258,7 +268,7 @@ def _alig_finalize_kernel(meta_ptr, partial_ptr, group_sums_ptr, hparams_ptr, lo
     if MODE == 2:
         while base < n_groups:
             groups = base + tile
-            grad_sq_acc += tl.load(group_sums_ptr + 6 * groups, mask=groups < n_groups, other=0.0).to(tl.float64)
+            grad_sq_acc += tl.load(group_sums_ptr + SUM_COUNT * groups + SUM_GG, mask=groups < n_groups, other=0.0).to(tl.float64)
             base += TILE
     else:
         # Per group, the partial sums of its chunks in fp64, always in the same order.
@@ -280,21 +290,21 @@ def _alig_finalize_kernel(meta_ptr, partial_ptr, group_sums_ptr, hparams_ptr, lo
             while start < longest:
                 chunks = first[:, None] + start + lanes[None, :]
                 mask = chunks < end[:, None]
-                row = partial_ptr + 6 * chunks
-                s_gg += tl.sum(tl.load(row + 0, mask=mask, other=0.0).to(tl.float64), axis=1)
-                s_ww += tl.sum(tl.load(row + 1, mask=mask, other=0.0).to(tl.float64), axis=1)
-                s_bb += tl.sum(tl.load(row + 2, mask=mask, other=0.0).to(tl.float64), axis=1)
-                s_wb += tl.sum(tl.load(row + 3, mask=mask, other=0.0).to(tl.float64), axis=1)
-                s_wg += tl.sum(tl.load(row + 4, mask=mask, other=0.0).to(tl.float64), axis=1)
-                s_bg += tl.sum(tl.load(row + 5, mask=mask, other=0.0).to(tl.float64), axis=1)
+                row = partial_ptr + SUM_COUNT * chunks
+                s_gg += tl.sum(tl.load(row + SUM_GG, mask=mask, other=0.0).to(tl.float64), axis=1)
+                s_ww += tl.sum(tl.load(row + SUM_WW, mask=mask, other=0.0).to(tl.float64), axis=1)
+                s_bb += tl.sum(tl.load(row + SUM_BB, mask=mask, other=0.0).to(tl.float64), axis=1)
+                s_wb += tl.sum(tl.load(row + SUM_WB, mask=mask, other=0.0).to(tl.float64), axis=1)
+                s_wg += tl.sum(tl.load(row + SUM_WG, mask=mask, other=0.0).to(tl.float64), axis=1)
+                s_bg += tl.sum(tl.load(row + SUM_BG, mask=mask, other=0.0).to(tl.float64), axis=1)
                 start += FBLOCK
-            out = group_sums_ptr + 6 * groups
-            tl.store(out + 0, s_gg, mask=in_group)
-            tl.store(out + 1, s_ww, mask=in_group)
-            tl.store(out + 2, s_bb, mask=in_group)
-            tl.store(out + 3, s_wb, mask=in_group)
-            tl.store(out + 4, s_wg, mask=in_group)
-            tl.store(out + 5, s_bg, mask=in_group)
+            out = group_sums_ptr + SUM_COUNT * groups
+            tl.store(out + SUM_GG, s_gg, mask=in_group)
+            tl.store(out + SUM_WW, s_ww, mask=in_group)
+            tl.store(out + SUM_BB, s_bb, mask=in_group)
+            tl.store(out + SUM_WB, s_wb, mask=in_group)
+            tl.store(out + SUM_WG, s_wg, mask=in_group)
+            tl.store(out + SUM_BG, s_bg, mask=in_group)
             grad_sq_acc += s_gg
             base += TILE
     if MODE != 1:
@@ -316,22 +326,22 @@ def _alig_finalize_kernel(meta_ptr, partial_ptr, group_sums_ptr, hparams_ptr, lo
         while base < n_groups:
             groups = base + tile
             in_group = groups < n_groups
-            sums = group_sums_ptr + 6 * groups
-            sum_gg = tl.load(sums + 0, mask=in_group, other=0.0).to(tl.float64)
-            sum_ww = tl.load(sums + 1, mask=in_group, other=0.0).to(tl.float64)
-            sum_bb = tl.load(sums + 2, mask=in_group, other=0.0).to(tl.float64)
-            sum_wb = tl.load(sums + 3, mask=in_group, other=0.0).to(tl.float64)
-            sum_wg = tl.load(sums + 4, mask=in_group, other=0.0).to(tl.float64)
-            sum_bg = tl.load(sums + 5, mask=in_group, other=0.0).to(tl.float64)
+            sums = group_sums_ptr + SUM_COUNT * groups
+            sum_gg = tl.load(sums + SUM_GG, mask=in_group, other=0.0).to(tl.float64)
+            sum_ww = tl.load(sums + SUM_WW, mask=in_group, other=0.0).to(tl.float64)
+            sum_bb = tl.load(sums + SUM_BB, mask=in_group, other=0.0).to(tl.float64)
+            sum_wb = tl.load(sums + SUM_WB, mask=in_group, other=0.0).to(tl.float64)
+            sum_wg = tl.load(sums + SUM_WG, mask=in_group, other=0.0).to(tl.float64)
+            sum_bg = tl.load(sums + SUM_BG, mask=in_group, other=0.0).to(tl.float64)
 
-            hp = hparams_ptr + 7 * groups
-            lr = tl.load(hp + 0, mask=in_group, other=0.0)
-            momentum = tl.load(hp + 1, mask=in_group, other=0.0)
-            adjusted = tl.load(hp + 2, mask=in_group, other=0.0)
-            max_norm = tl.load(hp + 3, mask=in_group, other=1.0)
-            eps = tl.load(hp + 4, mask=in_group, other=1.0)
-            f_star = tl.load(hp + 5, mask=in_group, other=0.0)
-            scaling = tl.load(hp + 6, mask=in_group, other=1.0)
+            hp = hparams_ptr + HP_COUNT * groups
+            lr = tl.load(hp + HP_LR, mask=in_group, other=0.0)
+            momentum = tl.load(hp + HP_MOMENTUM, mask=in_group, other=0.0)
+            adjusted = tl.load(hp + HP_ADJUSTED, mask=in_group, other=0.0)
+            max_norm = tl.load(hp + HP_MAX_NORM, mask=in_group, other=1.0)
+            eps = tl.load(hp + HP_EPS, mask=in_group, other=1.0)
+            f_star = tl.load(hp + HP_F_STAR, mask=in_group, other=0.0)
+            scaling = tl.load(hp + HP_SCALING, mask=in_group, other=1.0)
 
             polyak_step = tl.maximum(loss - f_star, 0.0) / (scaling * grad_sq_norm + eps)
             step_size = tl.minimum(polyak_step, lr)
@@ -354,12 +364,12 @@ def _alig_finalize_kernel(meta_ptr, partial_ptr, group_sums_ptr, hparams_ptr, lo
             scale = tl.where(outside, max_norm / tl.where(outside, norm, 1.0), 1.0)  # no 0/0 on padding rows
 
             # A skipped step: identity coefficients, step size 0 (and pass 2 writes nothing).
-            out = coefs_ptr + 5 * groups
-            tl.store(out + 0, tl.where(skip, 0.0, a).to(tl.float32), mask=in_group)
-            tl.store(out + 1, tl.where(skip, 0.0, c).to(tl.float32), mask=in_group)
-            tl.store(out + 2, tl.where(skip, 0.0, d).to(tl.float32), mask=in_group)
-            tl.store(out + 3, tl.where(skip, 1.0, momentum).to(tl.float32), mask=in_group)
-            tl.store(out + 4, tl.where(skip, 1.0, scale).to(tl.float32), mask=in_group)
+            out = coefs_ptr + COEF_COUNT * groups
+            tl.store(out + COEF_A, tl.where(skip, 0.0, a).to(tl.float32), mask=in_group)
+            tl.store(out + COEF_C, tl.where(skip, 0.0, c).to(tl.float32), mask=in_group)
+            tl.store(out + COEF_D, tl.where(skip, 0.0, d).to(tl.float32), mask=in_group)
+            tl.store(out + COEF_MU, tl.where(skip, 1.0, momentum).to(tl.float32), mask=in_group)
+            tl.store(out + COEF_SCALE, tl.where(skip, 1.0, scale).to(tl.float32), mask=in_group)
             tl.store(step_size_ptr + groups, tl.where(skip, 0.0, step_size).to(tl.float32), mask=in_group)
             base += TILE
 
@@ -414,14 +424,14 @@ def _alig_pass2_kernel(meta_ptr, coefs_ptr, skip_ptr, grad_scale_ptr,
         g_addr = tl.load(row + 1)
         b_addr = tl.load(row + 2)
         count = tl.load(row + 3).to(tl.int32)
-        coef = coefs_ptr + 5 * tl.load(row + 4)
+        coef = coefs_ptr + COEF_COUNT * tl.load(row + 4)
         dtype_code = tl.load(row + 5)
         has_buffer = tl.load(row + 6).to(tl.int32)
-        a = tl.load(coef + 0)
-        c = tl.load(coef + 1)
-        d = tl.load(coef + 2)
-        mu = tl.load(coef + 3)
-        scale = tl.load(coef + 4)
+        a = tl.load(coef + COEF_A)
+        c = tl.load(coef + COEF_C)
+        d = tl.load(coef + COEF_D)
+        mu = tl.load(coef + COEF_MU)
+        scale = tl.load(coef + COEF_SCALE)
         inv_scale = (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(tl.float32)  # see pass 1
         if tl.load(row + 7) != 0:
             if dtype_code == 0:
@@ -634,8 +644,3 @@ def _build_tables(params, grads, buffers, group_index, n_groups, device, chunk) 
         chunk=chunk,
     )
 
-
-# The kernels hard-code these layouts.
-assert (HParam.COUNT, HParam.MAX_NORM, Sum.COUNT, Coef.COUNT) == (7, 3, 6, 5)
-assert (Sum.GG, Sum.WW, Sum.BB, Sum.WB, Sum.WG, Sum.BG) == tuple(range(6))
-assert (Coef.A, Coef.C, Coef.D, Coef.MU, Coef.SCALE) == tuple(range(5))
