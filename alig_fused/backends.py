@@ -252,3 +252,60 @@ register(Backend("triton", _load_triton, dtypes={"cuda": _KERNEL, "cpu": _KERNEL
 register(Backend("cpp", _load_cpp, dtypes={"cpu": _KERNEL | {torch.float64}, "cuda": _KERNEL},
                  auto_rank={"cuda": 1, "cpu": 0}, auto_dtypes={"cpu": _KERNEL, "cuda": _KERNEL},
                  device_problem=_cpp_device_problem, flat_memory=True))
+
+
+# ---- Lookahead's slow-weight updates: the same records, a registry of their own ---------------
+#
+# ``load()`` returns ``update(fast, slow, counter, alpha, k, cache) -> None``: ``counter += 1``
+# and, when it reaches a multiple of k, ``slow += alpha * (fast - slow); fast = slow``, with
+# no host sync on a GPU; ``cache`` is its own (alig_fused/lookahead.py picks one per step).
+
+LOOKAHEAD_REGISTRY: dict[str, Backend] = {}
+_lookahead_loaded: dict[str, Callable] = {}
+_lookahead_errors: dict[str, str] = {}
+
+
+def register_lookahead(backend: Backend) -> Backend:
+    """Add (or replace) a Lookahead update; ``Lookahead(backend=name)`` and ``"auto"`` see it."""
+    LOOKAHEAD_REGISTRY[backend.name] = backend
+    _lookahead_loaded.pop(backend.name, None)
+    _lookahead_errors.pop(backend.name, None)
+    return backend
+
+
+def load_lookahead(name: str) -> Callable | None:
+    """The update function of Lookahead backend ``name``, or None (``lookahead_why_unavailable``)."""
+    if name in _lookahead_loaded:
+        return _lookahead_loaded[name]
+    if name in _lookahead_errors:
+        return None
+    try:
+        _lookahead_loaded[name] = LOOKAHEAD_REGISTRY[name].load()
+    except Exception as exc:  # ImportError, or triton failing to initialise
+        _lookahead_errors[name] = f"{type(exc).__name__}: {exc}"
+        return None
+    return _lookahead_loaded[name]
+
+
+def lookahead_why_unavailable(name: str) -> str:
+    return _lookahead_errors.get(name, "")
+
+
+def _load_torch_lookahead() -> Callable:
+    from .lookahead import torch_lookahead
+
+    return torch_lookahead
+
+
+def _load_triton_lookahead() -> Callable:
+    from .triton_lookahead import triton_lookahead  # noqa: WPS433 (imports triton)
+
+    return triton_lookahead
+
+
+# torch: any device and dtype, the last resort; triton: one launch on CUDA (interpreted on
+# CPU only by name), for the tensors it can address (flat_memory: dense, the slow weight laid
+# out as its parameter).
+register_lookahead(Backend("torch", _load_torch_lookahead, dtypes=None, auto_rank={ANY_DEVICE: 100}))
+register_lookahead(Backend("triton", _load_triton_lookahead, dtypes={"cuda": _KERNEL, "cpu": _KERNEL},
+                           auto_rank={"cuda": 0}, device_problem=_triton_device_problem, flat_memory=True))

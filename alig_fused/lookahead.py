@@ -14,6 +14,8 @@ parameters live on a GPU. Backends of the update (``backend=``):
   host memory and reading it costs nothing, so the update only runs on synchronisation steps.
 - ``"auto"``: triton for CUDA tensors it can address (one device; float32, bfloat16,
   float16; dense) when triton imports, else torch.
+
+The updates are registered records (``backends.register_lookahead``; docs/backends.md).
 """
 
 from __future__ import annotations
@@ -29,25 +31,7 @@ from . import backends
 from .backends import BackendUnavailableError
 from .optim import _checked_count
 
-__all__ = ["Lookahead"]
-
-BACKENDS = ("auto", "triton", "torch")
-_triton_update: Callable | None = None
-_triton_error = ""
-
-
-def _load_triton() -> Callable | None:
-    """``triton_lookahead.triton_lookahead``, or None (the import error is kept)."""
-    global _triton_update, _triton_error
-    if _triton_update is None and not _triton_error:
-        try:
-            from .triton_lookahead import triton_lookahead  # noqa: WPS433 (imports triton)
-        except Exception as exc:  # ImportError, or triton failing to initialise
-            _triton_error = f"{type(exc).__name__}: {exc}"
-        else:
-            _triton_update = triton_lookahead
-    return _triton_update
-
+__all__ = ["Lookahead", "torch_lookahead"]
 
 def _check_k_alpha(k: Any, alpha: Any) -> None:
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -67,8 +51,9 @@ class Lookahead(Optimizer):
     """
 
     def __init__(self, optimizer: Optimizer, k: int = 5, alpha: float = 0.5, backend: str = "auto"):
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown Lookahead backend {backend!r}; choose from {', '.join(map(repr, BACKENDS))}")
+        choices = ("auto", *backends.LOOKAHEAD_REGISTRY)
+        if backend not in choices:
+            raise ValueError(f"unknown Lookahead backend {backend!r}; choose from {', '.join(map(repr, choices))}")
         _check_k_alpha(k, alpha)
         if isinstance(optimizer, Lookahead):
             raise TypeError("Lookahead wraps the inner optimizer, not another Lookahead")
@@ -135,36 +120,45 @@ class Lookahead(Optimizer):
         return loss
 
     def _pick_backend(self, fast: list[Tensor], check_tensors: bool = False) -> str:
-        """``self.backend`` resolved for these parameters (raises for a named one that cannot
-        run; with ``check_tensors``, a ValueError for a tensor it cannot address)."""
-        if self.backend == "torch":
-            return "torch"
-        reason = self._triton_unavailable(fast)
-        if not reason and (self.backend == "auto" or check_tensors):
-            problem = self._unaddressable(fast)
-            if problem and self.backend == "triton":
-                raise ValueError(f"Lookahead backend 'triton': {problem} (use backend='torch' for these)")
-            reason = problem
-        if not reason:
-            return "triton"
-        if self.backend == "triton":
-            raise BackendUnavailableError(f"Lookahead backend 'triton': {reason}")
-        return "torch"
+        """``self.backend`` resolved for these parameters from the registered updates, lowest
+        auto rank first (raises for a named one that cannot run; with ``check_tensors``, a
+        ValueError for a tensor it cannot address)."""
+        device = fast[0].device if fast else self.lookahead_step.device
+        if self.backend == "auto":
+            records = backends.LOOKAHEAD_REGISTRY.values()
+            names = [name for _, name in sorted((r.rank(device), r.name) for r in records if r.rank(device) is not None)]
+        else:
+            names = [self.backend]
+        for name in names:
+            reason = self._unavailable(name, fast)
+            if not reason and backends.LOOKAHEAD_REGISTRY[name].flat_memory and (self.backend == "auto" or check_tensors):
+                problem = self._unaddressable(fast)
+                if problem and self.backend != "auto":
+                    raise ValueError(f"Lookahead backend {name!r}: {problem} (use backend='torch' for these)")
+                reason = problem
+            if not reason:
+                return name
+            if self.backend != "auto":
+                raise BackendUnavailableError(f"Lookahead backend {name!r}: {reason}")
+        raise BackendUnavailableError(f"no registered Lookahead update runs on {device.type}")  # torch always does
 
-    def _triton_unavailable(self, fast: list[Tensor]) -> str:
-        """Why the triton update cannot run on these parameters ("" when it can)."""
+    def _unavailable(self, name: str, fast: list[Tensor]) -> str:
+        """Why update ``name`` cannot run on these parameters ("" when it can)."""
+        record = backends.LOOKAHEAD_REGISTRY[name]
         devices = {p.device for p in fast} | {self.lookahead_step.device}
+        if record.dtypes is None:  # torch: any device, any dtype
+            return ""
         if len(devices) > 1:
             names = ", ".join(sorted(map(str, devices)))
             return f"the parameters and the step counter are on several devices ({names})"
         (device,) = devices
-        interpreted = device.type == "cpu" and self.backend == "triton" and backends.triton_interpreting()
+        interpreted = device.type == "cpu" and self.backend == name and backends.triton_interpreting()
         if device.type != "cuda" and not interpreted:  # decided before importing triton
-            return (f"runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1 and backend='triton'), "
+            return (f"runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1 and backend={name!r}), "
                     f"not on {device.type}")
-        if _load_triton() is None:
-            return f"triton failed to load: {_triton_error}"
-        return ""
+        if backends.load_lookahead(name) is None:
+            return f"{name} failed to load: {backends.lookahead_why_unavailable(name)}"
+        return record.device_problem(device)
 
     def _unaddressable(self, fast: list[Tensor]) -> str:
         """What the triton update cannot address in these tensors ("" when nothing)."""
@@ -191,30 +185,8 @@ class Lookahead(Optimizer):
             if "slow_param" not in self.state[p]:
                 self.state[p]["slow_param"] = p.detach().clone()
         self.last_backend = backend
-        if backend == "triton":  # one launch: the counter's increment included
-            slow = [self.state[p]["slow_param"] for p in params]
-            _triton_update(params, slow, counter, self.alpha, self.k, self._cache)
-            return
-        counter.add_(1)
-        by_key: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
-        for p in params:
-            fast, slow = by_key.setdefault((p.device, p.dtype), ([], []))
-            fast.append(p)
-            slow.append(self.state[p]["slow_param"])
-        if counter.device.type == "cpu":
-            if int(counter) % self.k == 0:  # host memory: no device to wait for
-                for fast, slow in by_key.values():
-                    torch._foreach_lerp_(slow, fast, self.alpha)
-                    torch._foreach_copy_(fast, slow)
-            return
-        # On a GPU: a masked update every step, weights from the device counter.
-        is_sync = (counter % self.k == 0).to(torch.float32)
-        for fast, slow in by_key.values():
-            slow_weight = (is_sync * self.alpha).to(slow[0].dtype)
-            fast_weight = is_sync.to(fast[0].dtype)
-            torch._foreach_lerp_(slow, fast, [slow_weight] * len(slow))
-            # lerp with weight 1 returns its end point exactly: fast becomes slow bit for bit
-            torch._foreach_lerp_(fast, slow, [fast_weight] * len(fast))
+        slow = [self.state[p]["slow_param"] for p in params]
+        backends.load_lookahead(backend)(params, slow, counter, self.alpha, self.k, self._cache)
 
     def state_dict(self) -> dict[str, Any]:
         inner = self.optimizer.state_dict()
@@ -264,3 +236,29 @@ class Lookahead(Optimizer):
 
     def __repr__(self) -> str:
         return f"Lookahead(k={self.k}, alpha={self.alpha}, backend={self.backend!r}, optimizer={self.optimizer!r})"
+
+
+@torch.no_grad()
+def torch_lookahead(fast: list[Tensor], slow: list[Tensor], counter: Tensor, alpha: float, k: int,
+                    cache: dict | None = None) -> None:
+    """The torch update (backends.LOOKAHEAD_REGISTRY): foreach lerps per device and dtype."""
+    counter.add_(1)
+    by_key: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
+    for p, s in zip(fast, slow):
+        fast_part, slow_part = by_key.setdefault((p.device, p.dtype), ([], []))
+        fast_part.append(p)
+        slow_part.append(s)
+    if counter.device.type == "cpu":
+        if int(counter) % k == 0:  # host memory: no device to wait for
+            for fast_part, slow_part in by_key.values():
+                torch._foreach_lerp_(slow_part, fast_part, alpha)
+                torch._foreach_copy_(fast_part, slow_part)
+        return
+    # On a GPU: a masked update every step, weights from the device counter.
+    is_sync = (counter % k == 0).to(torch.float32)
+    for fast_part, slow_part in by_key.values():
+        slow_weight = (is_sync * alpha).to(slow_part[0].dtype)
+        fast_weight = is_sync.to(fast_part[0].dtype)
+        torch._foreach_lerp_(slow_part, fast_part, [slow_weight] * len(slow_part))
+        # lerp with weight 1 returns its end point exactly: fast becomes slow bit for bit
+        torch._foreach_lerp_(fast_part, slow_part, [fast_weight] * len(fast_part))

@@ -20,7 +20,6 @@ import torch
 pytest.importorskip("triton")
 
 from alig_fused import BackendUnavailableError, FusedALIG, Lookahead  # noqa: E402
-from alig_fused import lookahead as lookahead_module  # noqa: E402
 from alig_fused import triton_lookahead as tla  # noqa: E402
 from harness import SHAPES, assert_follows_reference, make_groups, problem_loss  # noqa: E402
 from test_extras import lookahead_reference  # noqa: E402
@@ -271,8 +270,10 @@ def test_triton_by_name_without_interpreter_raises(monkeypatch):
 
 
 def test_triton_import_error_is_the_reason(monkeypatch):
-    monkeypatch.setattr(lookahead_module, "_triton_update", None)
-    monkeypatch.setattr(lookahead_module, "_triton_error", "ImportError: No module named 'triton'")
+    from alig_fused import backends
+
+    monkeypatch.delitem(backends._lookahead_loaded, "triton", raising=False)
+    monkeypatch.setitem(backends._lookahead_errors, "triton", "ImportError: No module named 'triton'")
     with pytest.raises(BackendUnavailableError, match="No module named 'triton'"):
         Lookahead(Jitter([torch.zeros(4)]), backend="triton")
     opt = Lookahead(Jitter([torch.zeros(4)]))
@@ -367,3 +368,36 @@ def test_an_aborted_launch_leaves_the_ticket_word_clear(small_chunks, monkeypatc
             assert torch.equal(slow[0], expected) and torch.equal(fast[0], expected), f"step {step}"
         else:
             assert torch.equal(slow[0], slow_before) and torch.equal(fast[0], fast_before), f"step {step}"
+
+
+def test_a_registered_update_is_picked_by_auto_and_by_name(monkeypatch):
+    """Lookahead's updates come from backends.LOOKAHEAD_REGISTRY, as the step's backends do:
+    one register_lookahead(...) call adds one, ranked for "auto" and reachable by name."""
+    from alig_fused import backends
+    from alig_fused.lookahead import torch_lookahead
+
+    calls = []
+
+    def recording_update(fast, slow, counter, alpha, k, cache):
+        calls.append(len(fast))
+        torch_lookahead(fast, slow, counter, alpha, k, cache)
+
+    monkeypatch.setattr(backends, "LOOKAHEAD_REGISTRY", dict(backends.LOOKAHEAD_REGISTRY))
+    backends.register_lookahead(backends.Backend("recording", lambda: recording_update, dtypes=None,
+                                                 auto_rank={"cpu": 0}))
+    try:
+        p = torch.zeros(4)
+        auto = Lookahead(Jitter([p]), k=2)
+        for _ in range(2):
+            auto.step()
+        assert auto.last_backend == "recording" and calls == [1, 1]
+        reference = torch.zeros(4)
+        plain = Lookahead(Jitter([reference]), k=2, backend="torch")
+        for _ in range(2):
+            plain.step()
+        assert torch.equal(p, reference)  # the same update
+        named = Lookahead(Jitter([torch.zeros(4)]), k=2, backend="recording")
+        named.step()
+        assert named.last_backend == "recording" and len(calls) == 3
+    finally:
+        backends._lookahead_loaded.pop("recording", None)
