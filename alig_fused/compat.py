@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
+from .functional import project_onto_ball
 from .optim import FusedALIG
 
 __all__ = ["AliG", "l2_projection"]
@@ -68,13 +69,8 @@ class AliG(FusedALIG):
 
 @torch.no_grad()
 def l2_projection(parameters: Iterable[Tensor], max_norm: float | None) -> None:
-    """Scale ``parameters`` jointly onto the l2 ball of radius ``max_norm`` (if outside)."""
+    """Scale ``parameters`` jointly onto the l2 ball of radius ``max_norm`` (if outside): the
+    reference's projection_fn, as ``functional.project_onto_ball``."""
     if max_norm is None:
         return
-    params = [p for p in parameters]
-    if not params:
-        return
-    norms = torch._foreach_norm(params, 2)
-    total_norm = torch.linalg.vector_norm(torch.stack([n.to(torch.float32) for n in norms]))
-    scale = torch.clamp(max_norm / total_norm, max=1.0)
-    torch._foreach_mul_(params, scale)
+    project_onto_ball(list(parameters), max_norm)

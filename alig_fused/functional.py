@@ -165,6 +165,29 @@ def projection_scale(norm_sq: Tensor, max_norm: Tensor) -> Tensor:
     return torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm))
 
 
+@torch.no_grad()
+def project_onto_ball(params: list[Tensor], max_norm: float) -> None:
+    """Scale ``params`` jointly onto the l2 ball of radius ``max_norm`` when outside it, with
+    no host sync: the one Python projection (FusedALIG at construction, ``l2_projection``).
+    Norms per tensor in fp32 (float64 for float64 tensors), their squares summed in float64;
+    the kernels project inside the step from their pass sums."""
+    if not params:
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for p in params:
+        by_dtype.setdefault(p.dtype, []).append(p)
+    norms = [n.to(torch.float64)
+             for dtype, ps in by_dtype.items() for n in torch._foreach_norm(ps, 2, dtype=_norm_dtype(dtype))]
+    norm_sq = torch.stack(norms).square().sum()
+    scale = projection_scale(norm_sq, torch.tensor(float(max_norm), dtype=torch.float64, device=norm_sq.device))
+    for dtype, ps in by_dtype.items():
+        torch._foreach_mul_(ps, scale.to(dtype))
+
+
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 # ---------------------------------------------------------------------------------------
 # The backend contract: ``backend(StepInputs(...), cache) -> None`` (backends.py registers
 # each; docs/backends.md, "Adding a backend").

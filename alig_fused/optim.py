@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends, distributed
-from .functional import GroupHParams, StepInputs, hparams_table
+from .functional import GroupHParams, StepInputs, hparams_table, project_onto_ball
 
 __all__ = ["FusedALIG"]
 
@@ -646,10 +646,7 @@ class FusedALIG(Optimizer):
             params = [p for p in group["params"] if p.requires_grad]
             if group["max_norm"] is None or not params:
                 continue
-            norms = [torch.linalg.vector_norm(p.detach(), dtype=torch.float64) for p in params]
-            scale = torch.clamp(group["max_norm"] / torch.linalg.vector_norm(torch.stack(norms)), max=1.0)
-            for p in params:
-                p.mul_(scale.to(p.dtype))
+            project_onto_ball(params, group["max_norm"])
 
 
 class _StepPlan:
