@@ -74,28 +74,38 @@ _loaded: dict[str, Callable] = {}
 _errors: dict[str, str] = {}
 
 
+def _add(registry: dict, loaded: dict, errors: dict, backend: Backend) -> Backend:
+    registry[backend.name] = backend
+    loaded.pop(backend.name, None)
+    errors.pop(backend.name, None)
+    return backend
+
+
+def _load_from(registry: dict, loaded: dict, errors: dict, name: str) -> Callable | None:
+    """``registry[name].load()``, once; None after a failure, whose reason ``errors`` keeps."""
+    if name in loaded:
+        return loaded[name]
+    if name in errors:
+        return None
+    try:
+        loaded[name] = registry[name].load()
+    except Exception as exc:  # ImportError, OSError from a bad .so, a failed build ...
+        errors[name] = f"{type(exc).__name__}: {exc}"
+        return None
+    return loaded[name]
+
+
 def register(backend: Backend) -> Backend:
     """Add (or replace) a backend; ``FusedALIG(backend=name)`` and ``"auto"`` then see it."""
     global BACKENDS
-    REGISTRY[backend.name] = backend
+    _add(REGISTRY, _loaded, _errors, backend)
     BACKENDS = tuple(REGISTRY)
-    _loaded.pop(backend.name, None)
-    _errors.pop(backend.name, None)
     return backend
 
 
 def load(name: str) -> Callable | None:
     """The step function of backend ``name``, or None (the reason is kept for ``why``)."""
-    if name in _loaded:
-        return _loaded[name]
-    if name in _errors:
-        return None
-    try:
-        _loaded[name] = REGISTRY[name].load()
-    except Exception as exc:  # ImportError, OSError from a bad .so, a failed build ...
-        _errors[name] = f"{type(exc).__name__}: {exc}"
-        return None
-    return _loaded[name]
+    return _load_from(REGISTRY, _loaded, _errors, name)
 
 
 def why_unavailable(name: str) -> str:
@@ -267,24 +277,12 @@ _lookahead_errors: dict[str, str] = {}
 
 def register_lookahead(backend: Backend) -> Backend:
     """Add (or replace) a Lookahead update; ``Lookahead(backend=name)`` and ``"auto"`` see it."""
-    LOOKAHEAD_REGISTRY[backend.name] = backend
-    _lookahead_loaded.pop(backend.name, None)
-    _lookahead_errors.pop(backend.name, None)
-    return backend
+    return _add(LOOKAHEAD_REGISTRY, _lookahead_loaded, _lookahead_errors, backend)
 
 
 def load_lookahead(name: str) -> Callable | None:
     """The update function of Lookahead backend ``name``, or None (``lookahead_why_unavailable``)."""
-    if name in _lookahead_loaded:
-        return _lookahead_loaded[name]
-    if name in _lookahead_errors:
-        return None
-    try:
-        _lookahead_loaded[name] = LOOKAHEAD_REGISTRY[name].load()
-    except Exception as exc:  # ImportError, or triton failing to initialise
-        _lookahead_errors[name] = f"{type(exc).__name__}: {exc}"
-        return None
-    return _lookahead_loaded[name]
+    return _load_from(LOOKAHEAD_REGISTRY, _lookahead_loaded, _lookahead_errors, name)
 
 
 def lookahead_why_unavailable(name: str) -> str:
