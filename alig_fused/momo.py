@@ -68,7 +68,7 @@ class MomoState(NamedTuple):
 
     def named(self) -> dict[str, Tensor]:
         """The state by name (STATE_NAMES), 0-dim tensors (views: clone to keep them)."""
-        return {"step": self.step, "f_bar": self.f_bar, "gamma_bar": self.gamma_bar, "lb": self.lb}
+        return {name: getattr(self, name) for name in STATE_NAMES}
 
 
 STATE_NAMES = ("step", "f_bar", "gamma_bar", "lb")  # state_dict()["momo"]'s tensors

@@ -114,7 +114,6 @@ class FusedALIG(Optimizer):
     # GradScaler hands us grad_scale / found_inf and we unscale inside the step.
     _step_supports_amp_scaling = True
 
-
     # The step's Python state, on a plain object (see _StepState).
     _plan = _in_step_state("plan")
     _step_sizes = _in_step_state("step_sizes")
