@@ -283,14 +283,33 @@ def snapshot(opt, params):
 # ----- the instances, resolved -----------------------------------------------------------
 
 
+def interpreter_marks(kernel, what: str) -> list:
+    """The marks of a test module that runs ``kernel`` on CPU through Triton's interpreter:
+    skipped when the interpreter is not active in this process (TRITON_INTERPRET unset when
+    triton was imported), and fp32 -> bf16 stores rounded as the GPU rounds them."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        InterpretedFunction = ()
+    return [
+        pytest.mark.skipif(
+            not isinstance(kernel, InterpretedFunction),
+            reason="the Triton interpreter is not active in this process (TRITON_INTERPRET unset when triton was "
+            f"imported); tests/test_gpu_triton.py runs {what} on the GPU",
+        ),
+        pytest.mark.usefixtures("bf16_round_to_nearest_even"),  # tests/conftest.py: the GPU's fp32 -> bf16 rounding
+    ]
+
+
 def require_backend(name: str, device: torch.device, required=frozenset()) -> None:
-    """Skip (with the reason) when backend ``name`` cannot run on ``device``; fail if it is required."""
+    """Skip (with the reason) when backend ``name`` cannot run on ``device``; fail if it is required.
+    Also at a test module's top level (the module is then skipped, or fails to collect)."""
     ok, reason = backends.supports(name, device)
     if ok:
         return
     if name in required:
         pytest.fail(f"backend {name!r} is required here but unavailable: {reason}")
-    pytest.skip(f"backend {name!r} unavailable on {device.type}: {reason}")
+    pytest.skip(f"backend {name!r} unavailable on {device.type}: {reason}", allow_module_level=True)
 
 
 @contextlib.contextmanager

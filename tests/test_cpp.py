@@ -8,20 +8,16 @@ independence. The trajectory, skip, AMP and state tests every backend shares run
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
 from alig_fused import FusedALIG, backends
+from conftest import require_backend
 from harness import FLOOR, SPECS, assert_follows_reference, bit_identical, run_pair, snapshot, trajectory_error
 
 CPU = torch.device("cpu")
-_ok, _reason = backends.supports("cpp", CPU)
-if not _ok:
-    if "cpp" in os.environ.get("ALIG_FUSED_REQUIRE_BACKENDS", "").split(","):
-        raise RuntimeError(f"backend 'cpp' is required here but unavailable: {_reason}")
-    pytest.skip(f"backend 'cpp' unavailable: {_reason}", allow_module_level=True)
+require_backend("cpp", CPU)  # skips this module where cpp cannot run (fails it where CI requires cpp)
 
 from alig_fused import cpp_ops  # noqa: E402 (only once the extension is known to load)
 

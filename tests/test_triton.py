@@ -28,22 +28,12 @@ import triton.language as tl  # noqa: E402
 from alig_fused import triton_kernels as tk  # noqa: E402
 from alig_fused import triton_tables  # noqa: E402
 from alig_fused.functional import GroupHParams, StepInputs, torch_alig  # noqa: E402
-from harness import FLOOR, assert_follows_reference, bit_identical, make_groups, run_pair, trajectory_error  # noqa: E402
+from harness import (  # noqa: E402
+    FLOOR, assert_follows_reference, bit_identical, interpreter_marks, make_groups, run_pair, trajectory_error,
+)
 from reference import ReferenceALIG  # noqa: E402
 
-try:
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # pragma: no cover
-    InterpretedFunction = ()
-
-pytestmark = [
-    pytest.mark.skipif(
-        not isinstance(tk._alig_pass1_kernel, InterpretedFunction),
-        reason="the Triton interpreter is not active in this process (TRITON_INTERPRET unset when triton was "
-        "imported); tests/test_gpu_triton.py runs the kernels on the GPU",
-    ),
-    pytest.mark.usefixtures("bf16_round_to_nearest_even"),  # tests/conftest.py: the GPU's fp32 -> bf16 rounding
-]
+pytestmark = interpreter_marks(tk._alig_pass1_kernel, "the kernels")
 
 STEPS = 50
 

@@ -21,23 +21,11 @@ pytest.importorskip("triton")
 
 from alig_fused import BackendUnavailableError, FusedALIG, Lookahead  # noqa: E402
 from alig_fused import triton_lookahead as tla  # noqa: E402
-from harness import SHAPES, assert_follows_reference, make_groups, problem_loss  # noqa: E402
+from harness import SHAPES, assert_follows_reference, interpreter_marks, make_groups, problem_loss  # noqa: E402
 from test_extras import lookahead_reference  # noqa: E402
 
 
-try:
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # pragma: no cover
-    InterpretedFunction = ()
-
-pytestmark = [
-    pytest.mark.skipif(
-        not isinstance(tla._lookahead_kernel, InterpretedFunction),
-        reason="the Triton interpreter is not active in this process (TRITON_INTERPRET unset when triton was "
-        "imported); tests/test_gpu_triton.py runs the kernel on the GPU",
-    ),
-    pytest.mark.usefixtures("bf16_round_to_nearest_even"),  # tests/conftest.py: the GPU's fp32 -> bf16 rounding
-]
+pytestmark = interpreter_marks(tla._lookahead_kernel, "the kernel")
 
 STEPS = 30
 K = 3
