@@ -177,13 +177,16 @@ def test_compiles_no_more_often_than_torch_sgd_with_a_scheduler():
 # -- FusedMoMo under torch.compile: the same step as eager, and a scheduled tensor lr ---------
 
 
+def momo_groups(model):
+    return [{"params": model[0].parameters(), "weight_decay": 0.01}, {"params": model[2].parameters()}]
+
+
 def make_momo(backend, lr=1.0, use_fstar=True):
     from alig_fused import FusedMoMo
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
-    groups = [{"params": model[0].parameters(), "weight_decay": 0.01}, {"params": model[2].parameters()}]
-    opt = FusedMoMo(groups, lr=lr, beta=0.9, lb=0.0, use_fstar=use_fstar, backend=backend)
+    opt = FusedMoMo(momo_groups(model), lr=lr, beta=0.9, lb=0.0, use_fstar=use_fstar, backend=backend)
     return model, opt
 
 
@@ -194,31 +197,14 @@ def test_fused_momo_compiled_step_matches_eager(name):
     from conftest import require_backend
 
     require_backend(name, torch.device("cpu"))
-    torch._dynamo.reset()
-    x, y = torch.randn(32, 8), torch.randn(32, 2)
-    eager_model, eager_opt = make_momo(name)
-    model, opt = make_momo(name)
-
-    @torch.compile(fullgraph=True)
-    def compiled_opt_step(loss):
-        opt.step(loss=loss)
-
-    for i in range(6):
-        for m, o, step in ((eager_model, eager_opt, None), (model, opt, compiled_opt_step)):
-            o.zero_grad()
-            loss = torch.nn.functional.mse_loss(m(x), y)
-            loss.backward()
-            if step is None or i == 0:  # the first step creates the state, eagerly
-                o.step(loss=loss)
-            else:
-                step(loss.detach())
-    for p, q in zip(model.parameters(), eager_model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    compiled_state, eager_state = opt.momo_state(), eager_opt.momo_state()
+    eager = compiled_run(lambda model: make_fused_momo(model, name), compiled=False)
+    compiled = compiled_run(lambda model: make_fused_momo(model, name), compiled=True)
+    assert_runs_agree(compiled, eager)
+    compiled_state, eager_state = compiled[2].momo_state(), eager[2].momo_state()
     for key in ("step", "f_bar", "gamma_bar", "lb"):
         torch.testing.assert_close(getattr(compiled_state, key), getattr(eager_state, key), rtol=1e-5, atol=1e-7)
     assert int(compiled_state.step) == 6
-    assert float(opt.param_groups[0]["step_size"]) > 0  # the step moved the weights
+    assert float(compiled[2].param_groups[0]["step_size"]) > 0  # the step moved the weights
 
 
 @pytest.mark.parametrize("name", ["torch", "cpp"])
@@ -267,7 +253,7 @@ def compiled_run(make_opt, compiled, steps=6, accumulate=False, from_step=1):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
-    opt = make_opt(model.parameters())
+    opt = make_opt(model)
     opt.enable_history(steps)
     cls = type(opt)
     compiled_step = torch.compile(lambda loss: cls.step(opt, loss=loss), fullgraph=True)
@@ -293,14 +279,14 @@ def compiled_run(make_opt, compiled, steps=6, accumulate=False, from_step=1):
     return [p.detach().clone() for p in model.parameters()], seen, opt
 
 
-def make_alig(params):
-    return FusedALIG(params, lr=0.5, momentum=0.9, max_norm=5.0, backend="torch")
+def make_alig(model):
+    return FusedALIG(model.parameters(), lr=0.5, momentum=0.9, max_norm=5.0, backend="torch")
 
 
-def make_fused_momo(params):
+def make_fused_momo(model, backend="torch"):
     from alig_fused import FusedMoMo
 
-    return FusedMoMo(params, lr=1.0, beta=0.9, use_fstar=True, backend="torch")
+    return FusedMoMo(momo_groups(model), lr=1.0, beta=0.9, use_fstar=True, backend=backend)
 
 
 def assert_runs_agree(compiled, eager, rtol=1e-5):

@@ -26,6 +26,20 @@ def _groups(model):
     ]
 
 
+def _reference_step_and_backward(model, ref_model, ref, x, y):
+    """One float64 reference step on (x, y), then the model's backward on the same batch.
+    Returns the reference loss and ||g||^2 (floats) and the model's loss."""
+    for m in (model, ref_model):
+        m.zero_grad()
+    ref_loss = torch.nn.functional.mse_loss(ref_model(x.double()), y.double())
+    ref_loss.backward()
+    grad_sq = sum(float(p.grad.double().norm()) ** 2 for p in ref_model.parameters())
+    ref.step(float(ref_loss.detach()))
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    return float(ref_loss.detach()), grad_sq, loss
+
+
 def test_alig_diagnostics_follow_the_reference(backend):
     model = _model()
     ref_model = copy.deepcopy(model).double()
@@ -36,17 +50,10 @@ def test_alig_diagnostics_follow_the_reference(backend):
     rows = []
     for step in range(6):
         x, y = torch.randn(16, 5), torch.randn(16, 2)
-        for m in (model, ref_model):
-            m.zero_grad()
-        ref_loss = torch.nn.functional.mse_loss(ref_model(x.double()), y.double())
-        ref_loss.backward()
-        grad_sq = sum(float(p.grad.double().norm()) ** 2 for p in ref_model.parameters())
-        ref.step(float(ref_loss.detach()))
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
+        ref_loss, grad_sq, loss = _reference_step_and_backward(model, ref_model, ref, x, y)
         opt.step(loss=loss)
         d = opt.diagnostics()
-        unclipped = [max(float(ref_loss.detach()) - g["f_star"], 0) / (g["scaling"] * grad_sq + g["eps"]) for g in ref.groups]
+        unclipped = [max(ref_loss - g["f_star"], 0) / (g["scaling"] * grad_sq + g["eps"]) for g in ref.groups]
         expected = dict(
             step_size=torch.tensor(ref.step_sizes, dtype=torch.float64),
             step_size_unclipped=torch.tensor(unclipped, dtype=torch.float64),
@@ -55,7 +62,7 @@ def test_alig_diagnostics_follow_the_reference(backend):
         torch.testing.assert_close(d["step_size_unclipped"], expected["step_size_unclipped"], rtol=2e-5, atol=1e-9)
         assert d["capped"].tolist() == [u > g["lr"] for u, g in zip(unclipped, ref.groups)]
         assert abs(float(d["grad_sq_norm"]) - grad_sq) <= 1e-4 * grad_sq
-        assert abs(float(d["loss"]) - float(ref_loss.detach())) <= 1e-5
+        assert abs(float(d["loss"]) - ref_loss) <= 1e-5
         rows.append((step, d["step_size"].clone()))
     assert any(d["capped"].tolist()) and not all(d["capped"].tolist())  # both cases exercised
     history = opt.history()
@@ -109,16 +116,9 @@ def test_drop_in_alig_step_size_unclipped():
     assert opt.step_size_unclipped is None
     for _ in range(3):
         x, y = torch.randn(8, 5), torch.randn(8, 2)
-        for m in (model, ref_model):
-            m.zero_grad()
-        ref_loss = torch.nn.functional.mse_loss(ref_model(x.double()), y.double())
-        ref_loss.backward()
-        grad_sq = sum(float(p.grad.double().norm()) ** 2 for p in ref_model.parameters())
-        ref.step(float(ref_loss.detach()))
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
+        ref_loss, grad_sq, loss = _reference_step_and_backward(model, ref_model, ref, x, y)
         opt.step(lambda: float(loss.detach()))
-        unclipped = float(ref_loss.detach()) / (grad_sq + 1e-5)
+        unclipped = ref_loss / (grad_sq + 1e-5)
         assert abs(float(opt.step_size_unclipped) - unclipped) <= 2e-5 * unclipped
         assert abs(float(opt.step_size) - ref.step_sizes[0]) <= 2e-5 * ref.step_sizes[0]
 

@@ -47,16 +47,20 @@ def test_three_launches_whatever_the_number_of_tensors():
         params += group
         targets += [t.to(CUDA) for t in tgts]
         groups.append({"params": group, **hp})
-    opt = FusedALIG(groups, backend="cpp")
+    names = kernels_of_second_step(FusedALIG(groups, backend="cpp"), params, targets)
+    ours = [n for n in names if "pass1_kernel" in n or "finalize_kernel" in n or "pass2_kernel" in n]
+    assert len(ours) == 3, ours
+
+
+def kernels_of_second_step(opt, params, targets):
+    """The CUDA kernels one profiled step launches, after a first step has built the tables."""
     opt.step(loss=backward(params, targets))
     loss = backward(params, targets)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         opt.step(loss=loss)
         torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    ours = [n for n in names if "pass1_kernel" in n or "finalize_kernel" in n or "pass2_kernel" in n]
-    assert len(ours) == 3, ours
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
 def op_args(seed=0):
@@ -130,14 +134,7 @@ def test_momo_pass2_is_one_launch():
 
     params = [torch.randn(s, device=CUDA, requires_grad=True) for s in [(300,), (20, 30), (9,)] * 20]
     targets = [torch.randn_like(p) for p in params]
-    opt = FusedMoMo(params, lr=0.1, backend="cpp")
-    opt.step(loss=backward(params, targets))
-    loss = backward(params, targets)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        opt.step(loss=loss)
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    names = kernels_of_second_step(FusedMoMo(params, lr=0.1, backend="cpp"), params, targets)
     assert sum("pass2_kernel" in n for n in names) == 1, names  # 0 with the torch-ops pass 2
 
 

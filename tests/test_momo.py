@@ -73,6 +73,15 @@ def _loss(model, x, y):
     return torch.nn.functional.mse_loss(model(x), y) + 0.05  # a floor above lb = 0
 
 
+def _train(model, opt, x, y, steps):
+    """``steps`` plain steps on the same batch."""
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = _loss(model, x, y)
+        loss.backward()
+        opt.step(loss=loss)
+
+
 def _groups(model, weight_decay):
     first, second = model[0], model[2]
     return [
@@ -119,12 +128,7 @@ def test_weight_decay_and_groups_matter():
     for wd in (0.0, 0.1):
         model = _model()
         opt = FusedMoMo(_groups(model, wd), backend="torch")
-        x, y = torch.randn(16, 6), torch.randn(16, 3)
-        for _ in range(3):
-            model.zero_grad()
-            loss = _loss(model, x, y)
-            loss.backward()
-            opt.step(loss=loss)
+        _train(model, opt, torch.randn(16, 6), torch.randn(16, 3), 3)
         outs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert not torch.allclose(outs[0], outs[1])
 
@@ -133,24 +137,16 @@ def test_state_dict_round_trip(backend):
     model = _model()
     opt = FusedMoMo(model.parameters(), lr=1.0, use_fstar=True, backend=backend)
     x, y = torch.randn(16, 6), torch.randn(16, 3)
-
-    def run(m, o, n):
-        for _ in range(n):
-            m.zero_grad()
-            loss = _loss(m, x, y)
-            loss.backward()
-            o.step(loss=loss)
-
-    run(model, opt, 3)
+    _train(model, opt, x, y, 3)
     saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     assert set(saved["momo"]) >= {"step", "f_bar", "gamma_bar", "lb"}
     assert int(saved["momo"]["step"]) == 3
-    run(model, opt, 2)
+    _train(model, opt, x, y, 2)
     resumed = _model(seed=5)
     resumed.load_state_dict(saved_model)
     opt2 = FusedMoMo(resumed.parameters(), lr=1.0, use_fstar=True, backend=backend)
     opt2.load_state_dict(saved)
-    run(resumed, opt2, 2)
+    _train(resumed, opt2, x, y, 2)
     for p, q in zip(model.parameters(), resumed.parameters()):
         torch.testing.assert_close(p, q)
     torch.testing.assert_close(opt.lb, opt2.lb)
@@ -233,10 +229,7 @@ def test_grad_scaler_protocol_and_accumulated_loss(backend):
     opt_b = FusedMoMo(model_b.parameters(), lr=1.0, weight_decay=0.01, backend=backend)
     x, y = torch.randn(16, 6), torch.randn(16, 3)
     for _ in range(5):
-        opt_a.zero_grad()
-        loss = _loss(model_a, x, y)
-        loss.backward()
-        opt_a.step(loss=loss)
+        _train(model_a, opt_a, x, y, 1)
         opt_b.zero_grad()
         for half in (slice(0, 8), slice(8, 16)):  # two micro-batches, each half the loss
             part = _loss(model_b, x[half], y[half]) / 2
