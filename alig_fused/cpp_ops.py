@@ -16,7 +16,7 @@ from torch import Tensor
 from ._cpp_loader import ExtensionUnavailable, load_extension
 from .functional import Coef, StepInputs, Sum, hparams_table
 
-__all__ = ["cpp_alig", "has_device", "ExtensionUnavailable"]
+__all__ = ["cpp_alig", "cpu_isa", "has_device", "ExtensionUnavailable"]
 
 _C = load_extension()
 
@@ -67,6 +67,13 @@ def has_device(device_type: str) -> bool:
     if device_type == "cuda":
         return bool(_C.has_cuda())
     return False
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels run: "avx512", "avx2" or "generic" (the best this
+    CPU has, capped by the environment variable ALIG_FUSED_CPU_ISA, read once per process).
+    Every one gives the same bits; the choice changes only the speed."""
+    return _C.cpu_isa()
 
 
 def cpp_alig(step: StepInputs, cache: dict | None = None) -> None:

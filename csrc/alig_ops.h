@@ -55,6 +55,9 @@ struct DevicePasses {
 };
 
 const DevicePasses& cpu_passes();  // alig_cpu.cpp
+// The instruction set the CPU kernels run: "avx512", "avx2" or "generic" (the best the CPU
+// has, capped by ALIG_FUSED_CPU_ISA; an unknown value there throws c10::ValueError).
+const char* cpu_isa_name();  // alig_cpu.cpp
 #ifdef ALIG_WITH_CUDA
 const DevicePasses& cuda_passes();  // cuda/alig_cuda.cu
 #endif

@@ -1,6 +1,12 @@
 // The Python module alig_fused._C. Importing it runs the static op registrations of the
-// other sources (TORCH_LIBRARY / TORCH_LIBRARY_IMPL); it adds only has_cuda().
+// other sources (TORCH_LIBRARY / TORCH_LIBRARY_IMPL); it adds only has_cuda() and cpu_isa().
 #include <Python.h>
+
+#include <exception>
+
+namespace alig_fused {
+const char* cpu_isa_name();  // alig_cpu.cpp (alig_ops.h)
+}
 
 // The module's name: _C when setup.py builds alig_fused._C; the JIT build (cpp_ops.py)
 // names it after its cache entry, and Python calls PyInit_<that name>.
@@ -22,8 +28,19 @@ PyObject* has_cuda(PyObject*, PyObject*) {
 #endif
 }
 
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(alig_fused::cpu_isa_name());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
 PyMethodDef methods[] = {
     {"has_cuda", has_cuda, METH_NOARGS, "Whether this build has the CUDA kernels of alig_fused::alig_step_."},
+    {"cpu_isa", cpu_isa, METH_NOARGS,
+     "The instruction set of the CPU kernels: 'avx512', 'avx2' or 'generic' (capped by ALIG_FUSED_CPU_ISA)."},
     {nullptr, nullptr, 0, nullptr},
 };
 
