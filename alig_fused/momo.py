@@ -198,11 +198,13 @@ def _torch_sums(params, grads, buffers, group_index, hparams, group_hparams, gra
 
 def _torch_apply(params, grads, buffers, group_index, group_hparams, coefs, skip, grad_scale, cache):
     """Pass 2 with foreach ops: functional.torch_alig's (``update_part``), every group scaled."""
-    from .functional import _coef_dtype, _split_by_group, _split_float64, coefficients_by_dtype, update_part
+    from .functional import _coef_dtype, _split_by_group, _split_float64, pass2_coefficients, update_part
 
     inv_scale = None if grad_scale is None else grad_scale.to(torch.float32).reciprocal()
-    keep_bits = (~skip).to(torch.int32)
-    coefs_of = coefficients_by_dtype(coefs)
+    inputs = pass2_coefficients(coefs, skip)
+    if inputs is None:
+        return  # a skipped step, known on the host (CPU)
+    coefs_of, keep_bits = inputs
     for k, idx in enumerate(_split_by_group(group_index, len(group_hparams))):
         b = buffers if group_hparams[k].momentum > 0 else None
         for part in _split_float64(idx, params):

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+import harness
 from alig_fused import BackendUnavailableError, FusedALIG, backends
 from harness import (
     CONFIGS,
@@ -308,6 +309,23 @@ def test_step_plan_follows_state_and_group_changes(case):
 @pytest.mark.parametrize("bad", ["nan_loss", "inf_loss", "neg_inf_loss", "inf_grad", "nan_grad", "huge_grad", "found_inf"])
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the Triton interpreter
 def test_non_finite_step_is_skipped_bit_identical(case, bad, dtype):
+    check_skipped_bit_identical(case, bad, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bad", ["nan_loss", "inf_grad", "nan_grad", "found_inf"])
+def test_torch_path_with_device_numbers_skips_bit_identical(monkeypatch, bad, dtype):
+    """On a CPU the torch path reads pass 2's numbers on the host and returns before pass 2 on
+    a skipped step; this runs, on the CPU, what it runs on a GPU: the numbers stay tensors and
+    the gradient copy is zeroed (functional.pass2_coefficients)."""
+    from alig_fused import functional
+
+    monkeypatch.setattr(functional, "HOST_NUMBERS_ON_CPU", False)
+    with harness.instance("cpu", "torch") as case:
+        check_skipped_bit_identical(case, bad, dtype)
+
+
+def check_skipped_bit_identical(case, bad, dtype):
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(5, 3, generator=gen).to(case.device, dtype).requires_grad_(),
               torch.randn(7, generator=gen).to(case.device, dtype).requires_grad_()]
@@ -795,9 +813,14 @@ def tiny_torch_batches(monkeypatch):
     monkeypatch.setattr(functional, "BATCH_ELEMENTS", 11)
 
 
+@pytest.mark.parametrize("host_numbers", [True, False], ids=["host numbers", "device numbers"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("config", ["momentum", "projection", "projection_no_momentum"])
-def test_torch_path_in_pieces_follows_reference(tiny_torch_batches, config, dtype):
+def test_torch_path_in_pieces_follows_reference(tiny_torch_batches, monkeypatch, config, dtype, host_numbers):
+    """Also with the numbers of pass 2 on the device, as on a GPU (functional.pass2_coefficients)."""
+    from alig_fused import functional
+
+    monkeypatch.setattr(functional, "HOST_NUMBERS_ON_CPU", host_numbers)
     run = run_pair([(SHAPES, CONFIGS[config]), ([(9,), (2, 2)], CONFIGS["momentum"])], "torch", dtype=dtype)
     assert_follows_reference(run.fused, run.exact, run.plain, dtype)
     assert int(run.opt.skipped_steps) == 0
