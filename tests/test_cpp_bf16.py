@@ -1,7 +1,7 @@
 """bf16 storage in the C++ CPU kernels, bit for bit: the values pass 2 writes are the fp32
 results of update_element rounded to bf16 by c10's rule (round to nearest, ties to even;
-a nan becomes 0x7FC0), whichever conversion the CPU runs (AVX2 intrinsics where it has
-them, the portable code elsewhere). The reference rounding below is written on the integer
+a nan becomes 0x7FC0), whichever conversion the CPU runs (AVX-512 or AVX2 intrinsics where it
+has them, the portable code elsewhere; tests/test_cpu_isa.py runs every one on this CPU). The reference rounding below is written on the integer
 bits, independently of both, and agrees with torch's own ``.to(torch.bfloat16)`` on every
 value that is not a nan.
 """
