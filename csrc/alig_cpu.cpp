@@ -16,6 +16,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -301,10 +302,13 @@ ALIG_AVX2 inline void store_one(c10::Half* p, float v) {
 // lane by lane instead kept them in memory for the whole loop: 16-lane sums under AVX2
 // ran 3x slower.)
 // Prefetches (for reading) kPrefetchBytes ahead of each non-null pointer. A prefetch never
-// faults, also past the end of a tensor.
+// faults, also past the end of a tensor; the address is computed as an integer, since a
+// pointer that far past the end of an object is undefined (GCC's -Warray-bounds said so).
 template <typename... P>
 inline void prefetch_ahead(const P*... p) {
-  ((p != nullptr ? __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes) : void()), ...);
+  ((p != nullptr ? __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + kPrefetchBytes))
+                 : void()),
+   ...);
 }
 
 template <typename T>
