@@ -111,6 +111,9 @@ typedef float Lanes16 __attribute__((vector_size(16 * sizeof(float))));
 static_assert(kLanes % 16 == 0, "kLanes: whole vectors of 8 and of 16 lanes");
 // Lanes are returned by value from internal helpers only (inlined): no ABI to keep stable.
 #pragma GCC diagnostic ignored "-Wpsabi"
+// GCC 12's AVX-512 shift intrinsics pass _mm512_undefined_epi32(), which it then reports as
+// "may be used uninitialized" (a false positive inside its own header).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 inline Lanes load_lanes(const float* p) {
   Lanes v;
