@@ -47,12 +47,12 @@ constexpr int64_t kBlock = 1024;          // fp32 lane sums go to fp64 every kBl
 // with 16 and 19.5 ms with 32 (2-core Xeon with AVX-512, two threads; fp32: 24 ms).
 constexpr int kLanes = 16;
 constexpr int64_t kChunkCost = 512;       // a chunk's fixed cost, in elements, for splitting work
-constexpr int64_t kSerialBelow = 1 << 15;
+constexpr int64_t kSerialBelow = 1 << 15;  // fewer elements than this: one thread, no fork
 // Each kernel loop prefetches its streams this far ahead. A core's hardware prefetchers
 // alone left the streams short of memory speed: on a 2-core Xeon (AVX-512), bf16 pass 2 of
 // 124M elements went from 40.2 to 31.6 ms with 1 KiB (two threads; 256 B: 33.7, 4 KiB: 32.5),
 // against 39.3 ms for torch's fused SGD on the same data.
-constexpr int64_t kPrefetchBytes = 1024;  // fewer elements than this: one thread, no fork
+constexpr int64_t kPrefetchBytes = 1024;
 
 struct Chunk {
   int64_t tensor;
@@ -123,21 +123,11 @@ inline Lanes load_lanes(const float* p) {
 
 inline void store_lanes(float* p, Lanes v) { std::memcpy(p, &v, sizeof(v)); }
 
-inline float load_one(const float* p) { return *p; }
-inline void store_one(float* p, float v) { *p = v; }
-
 // bf16 converted in registers (no block buffers): bf16 -> fp32 is a 16-bit left shift;
 // fp32 -> bf16 rounds to nearest even with nan -> 0x7FC0, as c10::BFloat16(float).
 typedef uint16_t U16Lanes __attribute__((vector_size(8 * sizeof(uint16_t))));
 typedef uint32_t U32Lanes __attribute__((vector_size(8 * sizeof(uint32_t))));
 typedef int32_t I32Lanes __attribute__((vector_size(8 * sizeof(int32_t))));
-
-inline float load_one(const c10::BFloat16* p) {
-  const uint32_t bits = static_cast<uint32_t>(p->x) << 16;
-  float v;
-  std::memcpy(&v, &bits, sizeof(v));
-  return v;
-}
 
 inline uint16_t bf16_bits(float v) {
   uint32_t bits;
@@ -146,8 +136,6 @@ inline uint16_t bf16_bits(float v) {
   const bool is_nan = (bits & UINT32_C(0x7FFFFFFF)) > UINT32_C(0x7F800000);
   return static_cast<uint16_t>(is_nan ? UINT32_C(0x7FC0) : rounded);
 }
-
-inline void store_one(c10::BFloat16* p, float v) { p->x = bf16_bits(v); }
 
 inline Lanes load_lanes(const c10::BFloat16* p) {
   U16Lanes h;
@@ -292,18 +280,8 @@ ALIG_AVX2 inline void store_lanes(c10::Half* p, Lanes v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
 }
 
-ALIG_AVX2 inline float load_one(const c10::Half* p) { return _cvtsh_ss(p->x); }
-
-ALIG_AVX2 inline void store_one(c10::Half* p, float v) {
-  p->x = static_cast<uint16_t>(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT));
-}
-
 #endif
 
-// A block's last n % kLanes elements, zero-padded to kLanes, so that the tail runs the
-// vector loop body once: the padding lanes add 0 to every sum. (Indexing the accumulators
-// lane by lane instead kept them in memory for the whole loop: 16-lane sums under AVX2
-// ran 3x slower.)
 // Prefetches (for reading) kPrefetchBytes ahead of each non-null pointer. A prefetch never
 // faults, also past the end of a tensor; the address is computed as an integer, since a
 // pointer that far past the end of an object is undefined (GCC's -Warray-bounds said so).
@@ -314,6 +292,10 @@ inline void prefetch_ahead(const P*... p) {
    ...);
 }
 
+// A block's last n % kLanes elements, zero-padded to kLanes, so that the tail runs the
+// vector loop body once: the padding lanes add 0 to every sum. (Indexing the accumulators
+// lane by lane instead kept them in memory for the whole loop: 16-lane sums under AVX2
+// ran 3x slower.)
 template <typename T>
 struct PaddedTail {
   T v[kLanes] = {};
@@ -500,8 +482,9 @@ void block_scale_f32(float* w, int64_t n, float scale) {
   block_scale_f32_generic(w, n, scale);
 }
 
-// bf16 kernels: AVX2 intrinsics where the CPU has them, else the portable conversion
-// (generic x86-64 / other architectures). Both round alike (tests/test_cpp.py).
+// bf16 kernels: AVX-512 or AVX2 intrinsics where the CPU has them, else the portable
+// conversion (generic x86-64 / other architectures). All round alike (tests/test_cpp_bf16.py,
+// tests/test_cpu_isa.py).
 #ifdef ALIG_X86_PATHS
 inline const Bf16Avx2* as_avx2(const c10::BFloat16* p) { return reinterpret_cast<const Bf16Avx2*>(p); }
 inline Bf16Avx2* as_avx2(c10::BFloat16* p) { return reinterpret_cast<Bf16Avx2*>(p); }
@@ -823,26 +806,9 @@ void from_float(const float* src, double* dst, int64_t n) {
 
 // fp16: c10::Half converts one value at a time in portable code (no F16C in a generic
 // x86-64 build), which made fp16 ~7x slower than bf16 (504 vs 76 ms for ResNet-50's 25.6M
-// parameters); F16C, chosen at run time, converts 8 at once with the same round-to-nearest-even.
+// parameters); the AVX2 + F16C kernels convert 8 at once in registers with the same
+// round-to-nearest-even. The generic build (and fp64) go through fp32 block buffers.
 #ifdef ALIG_X86_PATHS
-ALIG_AVX2 void half_to_float_f16c(const c10::Half* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
-  }
-  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i].x);
-}
-
-ALIG_AVX2 void float_to_half_f16c(const float* src, c10::Half* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
-  }
-  for (; i < n; ++i) dst[i].x = static_cast<uint16_t>(_cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT));
-}
-
 ALIG_AVX2 __attribute__((flatten)) void block_sums_f16(const c10::Half* __restrict__ w,
                                                                    const c10::Half* __restrict__ g,
                                                                    const c10::Half* __restrict__ b, int64_t n,
@@ -864,16 +830,10 @@ ALIG_AVX2 __attribute__((flatten)) void block_scale_f16(c10::Half* __restrict__ 
 #endif
 
 void to_float(const c10::Half* src, float* dst, int64_t n) {
-#ifdef ALIG_X86_PATHS
-  if (cpu_isa() >= Isa::kAvx2) return half_to_float_f16c(src, dst, n);
-#endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 void from_float(const float* src, c10::Half* dst, int64_t n) {
-#ifdef ALIG_X86_PATHS
-  if (cpu_isa() >= Isa::kAvx2) return float_to_half_f16c(src, dst, n);
-#endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
 }
 
@@ -996,11 +956,8 @@ template <typename F>
 void for_each_chunk(const std::vector<int64_t>& work_prefix, int64_t total_elements, const F& fn) {
   const int64_t n_chunks = static_cast<int64_t>(work_prefix.size()) - 1;
   const int64_t parts = std::min<int64_t>(at::get_num_threads(), n_chunks);
-  auto run = [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) fn(c);
-  };
   if (parts <= 1 || total_elements < kSerialBelow || at::in_parallel_region()) {
-    run(0, n_chunks);
+    for (int64_t c = 0; c < n_chunks; ++c) fn(c);
     return;
   }
   const int64_t total = work_prefix.back();
@@ -1010,7 +967,10 @@ void for_each_chunk(const std::vector<int64_t>& work_prefix, int64_t total_eleme
     return std::lower_bound(work_prefix.begin(), work_prefix.end() - 1, target) - work_prefix.begin();
   };
   at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
-    for (int64_t part = part_begin; part < part_end; ++part) run(first_chunk(part), first_chunk(part + 1));
+    for (int64_t part = part_begin; part < part_end; ++part) {
+      const int64_t end = first_chunk(part + 1);
+      for (int64_t c = first_chunk(part); c < end; ++c) fn(c);
+    }
   });
 }
 
