@@ -296,15 +296,12 @@ def torch_alig(step: StepInputs, cache: dict | None = None) -> None:
             # in-place pass (as the C++ CPU op's pass 3), over the stored w' (rounded once
             # more for bf16/fp16, as there).
             measured = projection_scale(_total(w_squares), hparams[k, HParam.MAX_NORM])
-            if keep_bits is None:  # host numbers: no pass where the ball does not bind
-                factor = measured.item()
-                if factor != 1.0:
-                    for part in parts:
-                        torch._foreach_mul_([params[i] for i in part], factor)
+            host = keep_bits is None  # host numbers (pass2_coefficients): no pass where the ball does not bind
+            factor = measured.item() if host else torch.where(skip, 1.0, measured)
+            if host and factor == 1.0:
                 continue
-            measured = torch.where(skip, 1.0, measured)
             for part in parts:
-                torch._foreach_mul_([params[i] for i in part], measured.to(_coef_dtype(params[part[0]])))
+                torch._foreach_mul_([params[i] for i in part], factor if host else factor.to(_coef_dtype(params[part[0]])))
 
 
 # Whether the torch path reads pass 2's numbers on the host when its tensors are on a CPU
@@ -374,7 +371,7 @@ def update_part(
     for w, g_part, *b_part in _batches(*lists):
         w32 = _as_float32(w)
         b32 = _as_float32(b_part[0]) if buffers is not None else None
-        g32 = _unscaled32(g_part, inv_scale) if keep_bits is None else _kept_grads32(g_part, inv_scale, keep_bits)
+        g32 = _unscaled32(g_part, inv_scale) if host else _kept_grads32(g_part, inv_scale, keep_bits)
         if host:  # update_element's order (alig_math.h): w - c*g, + a*b, then b
             torch._foreach_add_(w32, g32, alpha=-c)
             if b32 is not None:
@@ -398,13 +395,15 @@ def update_part(
     return w_squares
 
 
-# Pieces and batches of the torch path (elements). fp32 norms of pieces of 2^17 elements,
-# added in fp64, are within ~1e-6 of the fp64 sum of squares (measured on 8M elements: 3e-7
-# with 2^16, 3e-6 with 2^18; one fp32 norm of all 8M is off by 5e-4, and float64 norms
-# materialise a float64 copy of every tensor). A batch of one such piece (or of several
-# small tensors) keeps its fp32 temporaries (the kept gradient copy, and fp32 copies of
-# bf16/fp16 storage: at most 3 x 512 KiB) in cache and under 3% of a 25M-parameter model;
-# smaller pieces cost more op calls (each a parallel region on CPU: 8 per piece).
+# Pieces and batches of the torch path (elements). fp32 norms of pieces of 2^17 elements
+# (``_dots``; on a CPU dot products, closer still), added in fp64, are within ~1e-6 of the
+# fp64 sum of squares (measured on 8M elements: 3e-7 with 2^16, 3e-6 with 2^18; one fp32 norm
+# of all 8M is off by 5e-4, and float64 norms materialise a float64 copy of every tensor). A
+# batch of one such piece (or of several small tensors) keeps its fp32 temporaries (the kept
+# gradient copy on a GPU, and fp32 copies of bf16/fp16 storage: at most 3 x 512 KiB) in cache
+# and under 3% of a 25M-parameter model; smaller pieces cost more op calls (each a parallel
+# region on CPU), larger ones leave the cache (pass 2 of ResNet-50 fp32 on the 2-core Xeon:
+# 2^16 29.4 ms, 2^17 26.3, 2^18 26.1, 2^20 30.0, 2^22 32.3).
 PIECE_ELEMENTS = 1 << 17
 BATCH_ELEMENTS = 1 << 17
 
@@ -476,20 +475,17 @@ def _dots(xs: list[Tensor], ys: list[Tensor] | None = None) -> Tensor:
 
     On a CPU, a dot product for a batch of one piece: against ``_foreach_norm`` it was twice
     as fast (4.5 against 9 ms for ResNet-50's 25.6M fp32 gradients, 2 threads) and closer (1e-8
-    against 1e-6 relative to the float64 sum, on pieces of 2^17); for a batch of several small
-    tensors, ``_foreach_norm`` and, for <x, y>, the sum of the products (one value for the
-    batch). Elsewhere one ``_foreach_norm`` for the
-    whole list (one kernel on CUDA) and, foreach having no dot product, <x, y> by
-    polarization, (||x + y||^2 - ||x - y||^2) / 4 (the rounding error is ~1e-7 (||x||^2 +
-    ||y||^2), which the projection's norm, a sum of such terms with ||w||^2, absorbs)."""
-    if xs[0].device.type == "cpu":
-        if len(xs) == 1:
-            return _dot_one(xs[0], xs[0] if ys is None else ys[0]).to(torch.float64).reshape(1)
-        # several small tensors: ops that loop over the list in C++ (a Python loop of dots
-        # made 2,000 x 4,096 fp32 with momentum and the ball 50.5 ms a step, against 39.9)
-        if ys is None:
-            norms = torch.stack(torch._foreach_norm(xs)).to(torch.float64)
-            return norms * norms
+    against 1e-6 relative to the float64 sum, on pieces of 2^17). Otherwise ops that loop over
+    the list in C++ (a Python loop of dots made 2,000 x 4,096 fp32 with momentum and the ball
+    50.5 ms a step, against 39.9): one ``_foreach_norm`` (one kernel on CUDA) and, for <x, y>,
+    on a CPU the sum of the products (one value for the batch), elsewhere, foreach having no
+    dot product, polarization, (||x + y||^2 - ||x - y||^2) / 4 (the rounding error is ~1e-7
+    (||x||^2 + ||y||^2), which the projection's norm, a sum of such terms with ||w||^2,
+    absorbs)."""
+    cpu = xs[0].device.type == "cpu"
+    if cpu and len(xs) == 1:
+        return _dot_one(xs[0], xs[0] if ys is None else ys[0]).to(torch.float64).reshape(1)
+    if cpu and ys is not None:
         products = torch._foreach_mul(xs, ys)
         return torch.cat([p.view(-1) for p in products]).sum().to(torch.float64).reshape(1)
     if ys is None:
