@@ -24,7 +24,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when there is one)")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: bench/results/<device-name>[-quick])")
     ap.add_argument("--sets", default=None, help=f"comma-separated from {','.join(core.ALL_SETS)} (default: all the device runs)")
-    ap.add_argument("--dtypes", default=None, help="comma-separated: fp32,bf16 (default: both)")
+    ap.add_argument("--dtypes", default=None, help="comma-separated: fp32,bf16,fp16 (default: all three)")
     ap.add_argument(
         "--variants",
         default=None,

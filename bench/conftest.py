@@ -20,7 +20,7 @@ def pytest_addoption(parser):
     group = parser.getgroup("alig_fused bench")
     group.addoption("--bench-device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     group.addoption("--bench-sets", default=None, help=f"comma-separated, from {','.join(core.ALL_SETS)}")
-    group.addoption("--bench-dtypes", default=None, help="comma-separated: fp32,bf16 (default: both)")
+    group.addoption("--bench-dtypes", default=None, help="comma-separated: fp32,bf16,fp16 (default: all three)")
     group.addoption("--bench-variants", default=None, help=f"ALI-G variants, comma-separated, from {','.join(VARIANTS)}")
     group.addoption("--bench-contenders", default=None, help=f"comma-separated, from {','.join(CONTENDERS)}")
     group.addoption("--bench-quick", action="store_true", help="tiny shapes, 1-2 rounds (smoke)")

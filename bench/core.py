@@ -20,9 +20,9 @@ from typing import Callable, Iterable
 import torch
 
 from . import shapes as S
-from .contenders import BASELINE_VARIANT, CONTENDERS, VARIANTS, Unsupported, Workspace
+from .contenders import BASELINE_VARIANT, CONTENDERS, VARIANTS, Unsupported, Workspace, wrong_results
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_SETS = tuple(S.MODEL_SETS)
 SWEEP_SETS = ("sweep_tensors", "sweep_params")
 ALL_SETS = MODEL_SETS + SWEEP_SETS
@@ -432,6 +432,7 @@ def run_case(
             gc.collect()
     record.update(
         status="ok",
+        wrong_results=wrong_results(case.contender, device, DTYPES[case.dtype]),
         cache=cache,
         mutates_grads=mutates_grads,
         warmup_steps=plan.warmup_steps,

@@ -26,7 +26,7 @@ def derive(records: list[dict]) -> list[dict]:
     roofline: dict[tuple, dict] = {}
     for r in timed:
         key = (r["label"], r["dtype"])
-        if r["family"] in ROOFLINE_FAMILIES and (key not in roofline or r["gbps"] > roofline[key]["gbps"]):
+        if r["family"] in ROOFLINE_FAMILIES and not r.get("wrong_results") and (key not in roofline or r["gbps"] > roofline[key]["gbps"]):
             roofline[key] = r
     for r in timed:
         best = roofline.get((r["label"], r["dtype"]))
@@ -119,6 +119,7 @@ def markdown(data: dict) -> str:
             "",
         ]
         lines += _case_table(sorted(rows, key=_sort_key))
+        lines += [""] + [f"- {r['wrong_results']}" for r in rows if r.get("wrong_results")] if any(r.get("wrong_results") for r in rows) else []
 
     for set_name, title, x_name in (
         ("sweep_tensors", "Tensor-count sweep (fp32, 4,096 elements per tensor, ALI-G with momentum): ms/step", "tensors"),
@@ -208,7 +209,7 @@ def _case_table(rows: list[dict]) -> list[str]:
     header = ["contender", "variant", "ms/step", "IQR ms", "rounds x steps", "vs ref loop", "vs SGD", "traffic", "GB/s", "% roofline"]
     body = [
         [
-            r["contender_name"],
+            r["contender_name"] + (" (wrong results: see below)" if r.get("wrong_results") else ""),
             r["variant"],
             _ms(r["median_s"]),
             _ms(r["iqr_s"]),

@@ -114,6 +114,45 @@ def test_bench_refuses_a_time_from_skipped_steps(monkeypatch):
         core.release_workspace()
 
 
+def test_a_fused_baseline_that_disagrees_is_no_roofline(monkeypatch):
+    """A fused baseline is checked against the same optimizer in fp32: one whose momentum
+    buffer goes wrong (a stand-in for torch 2.13's CPU fused SGD in bf16, which reads it as
+    fp32) is flagged and leaves the roofline to the others; fused Adam in bf16 is not flagged."""
+    import dataclasses
+
+    import torch
+
+    from bench import contenders
+
+    device = torch.device("cpu")
+    assert contenders.wrong_results("adam_fused", device, torch.bfloat16) == ""
+    assert contenders.wrong_results("sgd_fused", device, torch.float32) == ""  # fp32 is not checked
+
+    class BufferDoublingSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            super().step(closure)
+            for state in self.state.values():
+                state["momentum_buffer"].mul_(2)
+
+    def build(ws, _):
+        return BufferDoublingSGD(ws.params, lr=contenders.BASELINE_LR, momentum=contenders.MOMENTUM, nesterov=True, foreach=True).step
+
+    broken = dataclasses.replace(contenders.CONTENDERS["sgd_fused"], build=build)
+    monkeypatch.setitem(contenders.CONTENDERS, "sgd_fused", broken)
+    monkeypatch.setattr(contenders, "_wrong_cache", {})
+    message = contenders.wrong_results("sgd_fused", device, torch.bfloat16)
+    assert "off from the same optimizer in fp32" in message
+
+    rows = [
+        {"label": "s", "dtype": "bf16", "contender": "sgd_fused", "variant": "-", "family": "baseline", "status": "ok",
+         "median_s": 1.0, "bytes_per_step": 4e9, "wrong_results": message},
+        {"label": "s", "dtype": "bf16", "contender": "inplace_add", "variant": "-", "family": "stream", "status": "ok",
+         "median_s": 1.0, "bytes_per_step": 2e9, "wrong_results": ""},
+    ]
+    report.derive(rows)
+    assert rows[0]["roofline_contender"] == "inplace_add" and rows[0]["roofline_fraction"] == pytest.approx(2.0)
+
+
 def test_contenders_do_not_share_gradients():
     """SGD foreach Nesterov adds momentum into p.grad: on its own copy, restored before every
     cold step, the master gradients and the next contender's stay untouched."""
