@@ -205,3 +205,23 @@ def test_timed_loops_are_alig(loop, momentum, max_norm):
     for p, q in zip(timed, exact):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-12)
     assert not torch.equal(timed[0].detach(), start[0]), "the loop must have moved the parameters"
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads the peak resident set through Linux's /proc")
+def test_peak_memory_sees_temporaries_and_the_torch_path_has_none():
+    """bench.peak_memory counts foreach Adam's temporaries (about the model's size) and finds
+    the torch path's step within 5% of the parameters (issue: no full-size temporaries)."""
+    import os
+
+    from bench import peak_memory
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(peak_memory.MMAP_THRESHOLD))
+    fractions = {}
+    for contender, dtype in (("adam_foreach", "fp32"), ("fused_torch", "fp32"), ("fused_torch", "bf16")):
+        cmd = [sys.executable, "-m", "bench.peak_memory", "--one", "resnet50", dtype, contender]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, check=True)
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        assert row["status"] == "ok" and row["skipped_steps"] in (None, 0)
+        fractions[contender, dtype] = row["fraction"]
+    assert fractions["adam_foreach", "fp32"] > 0.5
+    assert fractions["fused_torch", "fp32"] < 0.05 and fractions["fused_torch", "bf16"] < 0.05
