@@ -418,13 +418,22 @@ BATCH_ELEMENTS = 1 << 17
 # ms): 2^16 118 ms, 2^17 88.6, 2^18 74.4, 2^19 63.5, 2^20 63.4, 2^21 69.7, 2^22 79.0. The
 # sums of pieces of 2^19: dot products within 9e-7 of the fp64 sum (2^17: 1.5e-7).
 IN_PLACE_CPU_FACTOR = 4
+# Elsewhere (a GPU) a foreach op over a batch is one multi-tensor kernel launch of a few us
+# whatever the batch's size, and a batch of 2^17 elements made GPT-2's step ~950 batches of
+# ~10 launches each. There a batch holds up to this fraction of the group's elements (the
+# pieces stay 2^17 for the norms), so its temporaries stay within ~2% of the parameters:
+# fp32 keeps one gradient copy per batch (4 bytes an element: 1/64 of the group is 1.6% of
+# its bytes), bf16/fp16 three fp32 working copies (12 bytes an element against 2: 1/256 is
+# 2.3%). Not measured on a GPU yet; the CPU tests run this path at small sizes.
+DEVICE_BATCH_FRACTION = {torch.float32: 1 / 64, torch.float64: 1 / 64, torch.float16: 1 / 256, torch.bfloat16: 1 / 256}
 
 
 def _batches(*lists: list[Tensor]):
     """Yields tuples of lists (one per input list) of matching pieces, at most BATCH_ELEMENTS
     elements per batch (or one larger non-contiguous tensor): contiguous tensors above
     PIECE_ELEMENTS are split into flat views (both IN_PLACE_CPU_FACTOR times larger for
-    fp32/fp64 tensors on a CPU). A small tensor costs an index append (2,000 tensors: 1.1 ms
+    fp32/fp64 tensors on a CPU; on other devices a batch up to DEVICE_BATCH_FRACTION of the
+    list). A small tensor costs an index append (2,000 tensors: 1.1 ms
     a pass, against 3.5 ms when each row was zipped into a tuple)."""
     if not lists[0]:
         return
@@ -437,11 +446,15 @@ def _batches(*lists: list[Tensor]):
         return tuple([lst[i] for i in whole] + [p[k] for p in pieces] for k, lst in enumerate(lists))
 
     limits: dict[torch.dtype, tuple[int, int]] = {}  # (piece, batch elements) per dtype
+    group_elements = None if cpu else sum(t.numel() for t in lists[0])
     for i, first in enumerate(lists[0]):
         dtype = first.dtype
         if dtype not in limits:
-            factor = IN_PLACE_CPU_FACTOR if cpu and dtype in _IN_PLACE_DTYPES else 1
-            limits[dtype] = PIECE_ELEMENTS * factor, BATCH_ELEMENTS * factor
+            if cpu:
+                factor = IN_PLACE_CPU_FACTOR if dtype in _IN_PLACE_DTYPES else 1
+                limits[dtype] = PIECE_ELEMENTS * factor, BATCH_ELEMENTS * factor
+            else:
+                limits[dtype] = PIECE_ELEMENTS, max(BATCH_ELEMENTS, int(group_elements * DEVICE_BATCH_FRACTION.get(dtype, 0)))
         piece_elements, batch_elements = limits[dtype]
         n = first.numel()
         if n <= piece_elements or not all(lst[i].is_contiguous() for lst in lists):

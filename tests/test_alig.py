@@ -803,6 +803,31 @@ def test_torch_path_needs_no_data_on_the_host():
 
 
 
+@pytest.mark.parametrize("dtype, fraction", [(torch.float32, 1 / 64), (torch.bfloat16, 1 / 256)], ids=str)
+def test_torch_path_batches_off_the_cpu_are_bounded_by_the_group(dtype, fraction):
+    """Off a CPU (meta tensors stand in for a GPU's) a batch is one launch per foreach op, so
+    the batches grow with the group, to at most ``fraction`` of its elements (temporaries
+    within ~2% of the parameters), while pieces stay PIECE_ELEMENTS; on a CPU they keep their
+    fixed size."""
+    from alig_fused import functional
+
+    shapes = [(3000, 1000), (7, 7), (1 << 21,), (5,)] * 20
+    for device in ("meta", "cpu"):
+        tensors = [torch.empty(s, dtype=dtype, device=device) for s in shapes]
+        batches = [batch for (batch,) in functional._batches(tensors)]
+        sizes = [sum(t.numel() for t in batch) for batch in batches]
+        total = sum(t.numel() for t in tensors)
+        assert sum(sizes) == total
+        assert all(t.numel() <= functional.PIECE_ELEMENTS * functional.IN_PLACE_CPU_FACTOR for b in batches for t in b)
+        if device == "meta":
+            limit = int(total * fraction)
+            assert max(sizes) <= limit and len(batches) <= 2 / fraction
+            assert all(t.numel() <= functional.PIECE_ELEMENTS for b in batches for t in b)
+        else:
+            factor = functional.IN_PLACE_CPU_FACTOR if dtype == torch.float32 else 1
+            assert max(sizes) <= functional.BATCH_ELEMENTS * factor
+
+
 @pytest.fixture
 def tiny_torch_batches(monkeypatch):
     """The torch path's pieces and batches at a few elements, so that the test shapes are
