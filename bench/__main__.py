@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,12 +57,17 @@ def run_pytest(args: argparse.Namespace, device: torch.device, out: Path, sets: 
     import pytest
 
     record_path = out / "records.tmp.json"
+    # Started from a pytest-xdist worker (the test suite runs with -n 2), pytest-benchmark
+    # sees PYTEST_XDIST_WORKER and turns itself off: this process is no worker.
+    os.environ.pop("PYTEST_XDIST_WORKER", None)
     files = [str(HERE / "test_models.py")] if any(s in core.MODEL_SETS for s in sets) else []
     files += [str(HERE / "test_sweeps.py")] if any(s in core.SWEEP_SETS for s in sets) else []
     pytest_args = files + [
         "-q",
         "-p",
         "no:cacheprovider",
+        "-p",
+        "no:xdist",
         f"--benchmark-json={out / 'pytest-benchmark.json'}",
         "--benchmark-disable-gc",
         "--benchmark-group-by=group",
