@@ -421,7 +421,7 @@ BATCH_ELEMENTS = 1 << 17
 # sums of pieces of 2^19: dot products within 9e-7 of the fp64 sum (2^17: 1.5e-7).
 IN_PLACE_CPU_FACTOR = 4
 # bf16/fp16 on a CPU: pieces and batches of this fraction of the group, between 2^16 and
-# 2^19 elements. Their three fp32 working copies (12 bytes an element, against 2 of storage)
+# 2^18 elements (GPT-2 bf16 with the ball, interleaved: 2^19 took 1.5x as long as 2^18). Their three fp32 working copies (12 bytes an element, against 2 of storage)
 # then stay within ~5% of the group's bytes (bench.peak_memory: 1.6 MiB, 3.1%, on ResNet-50
 # bf16; 0.7 MiB, 4.4%, on 2,000 x 4,096, where a fixed 2^17 took 10.5%; the floor of 2^16
 # kept that set's step time, 2^14 made it 28% slower), and a large model gets the larger
@@ -443,7 +443,7 @@ def _limits(dtype: torch.dtype, cpu: bool, group_elements: int) -> tuple[int, in
         return PIECE_ELEMENTS * IN_PLACE_CPU_FACTOR, BATCH_ELEMENTS * IN_PLACE_CPU_FACTOR
     if cpu:
         size = int(group_elements * LOW_PRECISION_CPU_FRACTION)
-        size = max(min(PIECE_ELEMENTS, 1 << 16), min(size, PIECE_ELEMENTS * IN_PLACE_CPU_FACTOR))
+        size = max(min(PIECE_ELEMENTS, 1 << 16), min(size, PIECE_ELEMENTS * 2))
         return size, size
     batch = max(min(BATCH_ELEMENTS, 1 << 14), int(group_elements * DEVICE_BATCH_FRACTION.get(dtype, 0)))
     return min(PIECE_ELEMENTS, batch), batch
