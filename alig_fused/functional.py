@@ -420,10 +420,12 @@ BATCH_ELEMENTS = 1 << 17
 # ms): 2^16 118 ms, 2^17 88.6, 2^18 74.4, 2^19 63.5, 2^20 63.4, 2^21 69.7, 2^22 79.0. The
 # sums of pieces of 2^19: dot products within 9e-7 of the fp64 sum (2^17: 1.5e-7).
 IN_PLACE_CPU_FACTOR = 4
+_IN_PLACE_DTYPES = (torch.float32, torch.float64)
 # bf16/fp16 on a CPU: pieces and batches of this fraction of the group, between 2^16 and
-# 2^18 elements (GPT-2 bf16 with the ball, interleaved: 2^19 took 1.5x as long as 2^18). Their three fp32 working copies (12 bytes an element, against 2 of storage)
-# then stay within ~5% of the group's bytes (bench.peak_memory: 1.6 MiB, 3.1%, on ResNet-50
-# bf16; 0.7 MiB, 4.4%, on 2,000 x 4,096, where a fixed 2^17 took 10.5%; the floor of 2^16
+# 2^18 elements (GPT-2 bf16 with the ball, interleaved: 2^19 took 1.5x as long as 2^18).
+# Their three fp32 working copies (12 bytes an element, against 2 of storage) then stay
+# within ~5% of the group's bytes (bench.peak_memory: 1.5 MiB, 3.1%, on ResNet-50 bf16;
+# 0.3-0.7 MiB, 2.1-4.4%, on 2,000 x 4,096, where a fixed 2^17 took 10.5%; the floor of 2^16
 # kept that set's step time, 2^14 made it 28% slower), and a large model gets the larger
 # pieces that cost fewer calls (ResNet-50 bf16 with the ball: 2^17 109 ms, 2^18 90).
 LOW_PRECISION_CPU_FRACTION = 1 / 192
@@ -450,9 +452,9 @@ def _limits(dtype: torch.dtype, cpu: bool, group_elements: int) -> tuple[int, in
 
 
 def _batches(*lists: list[Tensor]):
-    """Yields tuples of lists (one per input list) of matching pieces, at most BATCH_ELEMENTS
-    elements per batch (or one larger non-contiguous tensor): contiguous tensors above
-    PIECE_ELEMENTS are split into flat views (the sizes per dtype and device: ``_limits``).
+    """Yields tuples of lists (one per input list) of matching pieces, at most a batch's
+    elements per batch (or one larger non-contiguous tensor): contiguous tensors above a
+    piece's elements are split into flat views (both sizes per dtype and device: ``_limits``).
     A small tensor costs an index append (2,000 tensors: 1.1 ms a pass, against 3.5 ms when
     each row was zipped into a tuple)."""
     if not lists[0]:
@@ -491,9 +493,6 @@ def _batches(*lists: list[Tensor]):
             size += m
     if whole or pieces:
         yield batch()
-
-
-_IN_PLACE_DTYPES = (torch.float32, torch.float64)
 
 
 def group_sums_into(row: Tensor, w: list[Tensor], g: list[Tensor], b: list[Tensor] | None, inv_scale: Tensor | None) -> None:

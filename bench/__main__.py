@@ -66,8 +66,6 @@ def run_pytest(args: argparse.Namespace, device: torch.device, out: Path, sets: 
         "-q",
         "-p",
         "no:cacheprovider",
-        "-p",
-        "no:xdist",
         f"--benchmark-json={out / 'pytest-benchmark.json'}",
         "--benchmark-disable-gc",
         "--benchmark-group-by=group",

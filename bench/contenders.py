@@ -26,10 +26,9 @@ timed FusedALIG's skip path.
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 from typing import Callable
-
-import math
 
 import torch
 

@@ -51,13 +51,12 @@ def measure_one(set_name: str, dtype: str, contender: str, device_name: str) -> 
     reason = core.why_skip(case, device)
     if reason:
         return {"status": "skipped", "reason": reason}
-    ws = core.workspace(case, device)
+    master = core.workspace(case, device)
+    ws = master.clone()  # as core.run_case: the master's gradients restore the contender's
     step = CONTENDERS[contender].build(ws, VARIANTS.get(variant))
-    grads = [p.grad.clone() for p in ws.params] if contender == "sgd_foreach" else None
     for _ in range(2):  # the state exists, the allocator has seen a step
         step()
-    if grads is not None:  # SGD Nesterov (foreach) adds into p.grad: the same gradients every step
-        torch._foreach_copy_([p.grad for p in ws.params], grads)
+    ws.restore_grads_from(master)  # SGD Nesterov (foreach) adds into p.grad
     param_bytes = sum(p.numel() * p.element_size() for p in ws.params)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

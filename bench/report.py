@@ -119,7 +119,9 @@ def markdown(data: dict) -> str:
             "",
         ]
         lines += _case_table(sorted(rows, key=_sort_key))
-        lines += [""] + [f"- {r['wrong_results']}" for r in rows if r.get("wrong_results")] if any(r.get("wrong_results") for r in rows) else []
+        wrong = [r["wrong_results"] for r in rows if r.get("wrong_results")]
+        if wrong:
+            lines += [""] + [f"- {message}" for message in wrong]
 
     for set_name, title, x_name in (
         ("sweep_tensors", "Tensor-count sweep (fp32, 4,096 elements per tensor, ALI-G with momentum): ms/step", "tensors"),

@@ -208,7 +208,7 @@ def test_timed_loops_are_alig(loop, momentum, max_norm):
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads the peak resident set through Linux's /proc")
-def test_peak_memory_sees_temporaries_and_the_torch_path_has_none():
+def test_peak_memory_sees_temporaries_and_the_torch_path_stays_small():
     """bench.peak_memory counts foreach Adam's temporaries (about the model's size) and finds
     the torch path's bf16 step within 5% of the parameters (issue: no full-size temporaries)."""
     import os
